@@ -1,0 +1,112 @@
+// Hardening: runs first in every isolate, before the prelude and long before user code.
+//
+// 1. Remove what a workflow script must not have: eval, shared memory, weak references
+//    (non-deterministic), queueMicrotask and performance (timing side channels).
+// 2. Make every function constructor throw, so no string becomes code at run time.
+// 3. Determinism shims: Date.now(), Date(), argument-less new Date() and Math.random() throw,
+//    because resume replays the script and must take the same path.
+// 4. Freeze every intrinsic reachable from the global constructors, so user code cannot
+//    change the behaviour the prelude relies on. Properties that scripts commonly assign on
+//    their own objects (name, message, toString, ...) become accessors whose setter defines
+//    an own property, so freezing does not break `this.name = 'MyError'` in subclasses.
+(function () {
+  'use strict';
+  const g = globalThis;
+  const { defineProperty, getOwnPropertyDescriptor, getPrototypeOf, freeze, isFrozen } = Object;
+  const ownKeys = Reflect.ownKeys;
+
+  for (const name of [
+    'eval', 'WebAssembly', 'SharedArrayBuffer', 'Atomics', 'WeakRef', 'FinalizationRegistry',
+    'queueMicrotask', 'performance',
+  ]) {
+    delete g[name];
+  }
+
+  // --- function constructors -------------------------------------------------------------
+  const noCode = function Function() {
+    throw new EvalError('Function constructors are not available in workflow scripts: write the function directly');
+  };
+  const protos = [
+    Function.prototype,
+    getPrototypeOf(async function () {}),
+    getPrototypeOf(function* () {}),
+    getPrototypeOf(async function* () {}),
+  ];
+  noCode.prototype = Function.prototype;
+  for (const proto of protos) {
+    defineProperty(proto, 'constructor', { value: noCode, writable: false, configurable: false });
+  }
+  defineProperty(g, 'Function', { value: noCode, writable: false, configurable: false, enumerable: false });
+
+  // --- determinism -----------------------------------------------------------------------
+  const RealDate = Date;
+  const clockError = (what) => new Error(
+    `${what} is not available in workflow scripts: a run must replay deterministically when it is resumed. ` +
+    'Pass timestamps in args instead (e.g. args.now), or use new Date(timestamp).');
+  const SafeDate = function Date(...parts) {
+    if (new.target === undefined) throw clockError('Date()');
+    if (parts.length === 0) throw clockError('new Date() without arguments');
+    return Reflect.construct(RealDate, parts, new.target);
+  };
+  defineProperty(SafeDate, 'prototype', { value: RealDate.prototype, writable: false });
+  defineProperty(RealDate.prototype, 'constructor', { value: SafeDate, writable: false, configurable: false });
+  SafeDate.parse = RealDate.parse;
+  SafeDate.UTC = RealDate.UTC;
+  SafeDate.now = function now() { throw clockError('Date.now()'); };
+  defineProperty(g, 'Date', { value: SafeDate, writable: false, configurable: false, enumerable: false });
+  defineProperty(Math, 'random', {
+    value: function random() {
+      throw new Error(
+        'Math.random() is not available in workflow scripts: a run must replay deterministically when it is ' +
+        'resumed. Derive variation from data instead (put the index in the prompt, or pass a seed in args).');
+    },
+    writable: false, configurable: false,
+  });
+
+  // --- freeze intrinsics -----------------------------------------------------------------
+  const overridable = new Set(['constructor', 'name', 'message', 'toString', 'toLocaleString', 'valueOf', 'toJSON', 'cause', 'stack']);
+  const tameOverride = (obj, key) => {
+    const desc = getOwnPropertyDescriptor(obj, key);
+    if (!desc || !('value' in desc) || !desc.configurable) return;
+    const value = desc.value;
+    defineProperty(obj, key, {
+      get() { return value; },
+      set(newValue) {
+        if (this === obj) throw new TypeError(`Cannot assign to read only property '${String(key)}' of a built-in`);
+        defineProperty(this, key, { value: newValue, writable: true, enumerable: true, configurable: true });
+      },
+      enumerable: desc.enumerable,
+      configurable: false,
+    });
+  };
+
+  const roots = [];
+  for (const key of ownKeys(g)) {
+    const desc = getOwnPropertyDescriptor(g, key);
+    if (desc && 'value' in desc && desc.value !== g && (typeof desc.value === 'function' || typeof desc.value === 'object') && desc.value !== null) {
+      roots.push(desc.value);
+    }
+  }
+  roots.push(...protos, getPrototypeOf([][Symbol.iterator]()), getPrototypeOf(getPrototypeOf([][Symbol.iterator]())),
+    getPrototypeOf(new Map()[Symbol.iterator]()), getPrototypeOf(new Set()[Symbol.iterator]()),
+    getPrototypeOf(''[Symbol.iterator]()), getPrototypeOf(/x/[Symbol.matchAll]('')),
+    getPrototypeOf((function* () {})()), getPrototypeOf((async function* () {})()),
+    getPrototypeOf(Int8Array));
+
+  const seen = new Set();
+  const stack = roots.slice();
+  while (stack.length) {
+    const obj = stack.pop();
+    if (obj === null || (typeof obj !== 'object' && typeof obj !== 'function') || seen.has(obj) || obj === g) continue;
+    seen.add(obj);
+    const isPrototype = typeof obj === 'object' && ownKeys(obj).includes('constructor');
+    for (const key of ownKeys(obj)) {
+      if (isPrototype && overridable.has(key)) tameOverride(obj, key);
+      const desc = getOwnPropertyDescriptor(obj, key);
+      if (!desc) continue;
+      for (const v of [desc.value, desc.get, desc.set]) if (v !== undefined) stack.push(v);
+    }
+    stack.push(getPrototypeOf(obj));
+  }
+  for (const obj of seen) if (!isFrozen(obj)) freeze(obj);
+})();

@@ -1,0 +1,400 @@
+// The prelude: the globals of a workflow script (SPEC §2), evaluated after hardening.js.
+//
+// The bridge to the host is an outbox, not a function: every request is pushed as
+// [kind, id, payload] onto an array that lives only in this closure, and promise resolvers
+// wait in a map keyed by id. After each slice the host calls `take()` and receives the outbox
+// as one JSON string; later it calls `settle(json)` with results. Only JSON crosses.
+//
+// The host handle (take/settle/start) is left on globalThis.__quickflow_host; the host takes
+// the three functions and deletes the property before any user code runs.
+//
+// Every function whose frames may appear in an error's stack has a name starting with `qf$`
+// or is a public global, so the host can skip them when it reports the user's line.
+(function () {
+  'use strict';
+  const g = globalThis;
+  const { defineProperty, freeze, keys: objectKeys } = Object;
+  const isArray = Array.isArray;
+  const stringify = JSON.stringify;
+  const parse = JSON.parse;
+
+  // --- error classes -----------------------------------------------------------------------
+  class WorkflowAgentCapError extends Error {
+    constructor(message) { super(message); this.name = 'WorkflowAgentCapError'; }
+  }
+  class WorkflowBudgetExceededError extends Error {
+    constructor(message) { super(message); this.name = 'WorkflowBudgetExceededError'; }
+  }
+  class StructuredOutputError extends Error {
+    constructor(message, validationError) {
+      super(message);
+      this.name = 'StructuredOutputError';
+      this.validationError = validationError;
+    }
+  }
+  for (const cls of [WorkflowAgentCapError, WorkflowBudgetExceededError, StructuredOutputError]) {
+    freeze(cls.prototype);
+    freeze(cls);
+  }
+  const errorClasses = {
+    TypeError, RangeError, Error, WorkflowAgentCapError, WorkflowBudgetExceededError, StructuredOutputError,
+  };
+
+  // --- state shared with the host ----------------------------------------------------------
+  let outbox = [];
+  const pending = new Map(); // id -> {resolve, reject}
+  const timers = new Map(); // id -> [fn, args]
+  let nextId = 1;
+  let done = null; // set once the script's main promise settles
+  let currentPhase = null;
+  let logLines = 0;
+  const state = {
+    maxAgents: 1000, maxItems: 4096, maxLogLines: 10000, depth: 0,
+    issued: 0, spent: 0, total: null,
+  };
+
+  function qf$push(kind, id, payload) { outbox.push([kind, id, payload]); }
+
+  function qf$request(kind, payload) {
+    const id = nextId++;
+    return new Promise(function qf$executor(resolve, reject) {
+      pending.set(id, { resolve, reject });
+      qf$push(kind, id, payload);
+    });
+  }
+
+  function qf$message(err) {
+    if (err instanceof Error) return String(err.message);
+    try { return typeof err === 'string' ? err : stringify(err); } catch (_) { return String(err); }
+  }
+
+  function qf$errorInfo(err) {
+    if (err instanceof Error) {
+      const info = { name: String(err.name), message: String(err.message), stack: String(err.stack || '') };
+      if (err.validationError !== undefined) info.validationError = String(err.validationError);
+      return info;
+    }
+    return { name: 'Error', message: 'uncaught non-Error value: ' + qf$message(err), stack: '' };
+  }
+
+  function qf$makeError(info) {
+    const cls = errorClasses[info && info.name] || Error;
+    const err = cls === StructuredOutputError
+      ? new StructuredOutputError(String(info.message), info.validationError)
+      : new cls(String((info && info.message) || 'unknown error'));
+    return err;
+  }
+
+  // --- agent() -----------------------------------------------------------------------------
+  const EFFORTS = ['low', 'medium', 'high', 'xhigh', 'max'];
+  const KNOWN_OPTIONS = ['label', 'phase', 'schema', 'model', 'effort', 'agentType', 'isolation', 'timeout'];
+
+  function qf$checkOptions(opts) {
+    if (opts === undefined || opts === null) return { options: {}, unknown: [] };
+    if (typeof opts !== 'object' || isArray(opts)) {
+      throw new TypeError('agent() options must be an object, e.g. agent(prompt, { label: "..." })');
+    }
+    const options = {};
+    const unknown = [];
+    for (const key of objectKeys(opts)) {
+      if (!KNOWN_OPTIONS.includes(key)) unknown.push(key);
+    }
+    const qf$str = (key) => {
+      const v = opts[key];
+      if (v === undefined || v === null) return;
+      if (typeof v !== 'string' || v === '') throw new TypeError(`agent() option '${key}' must be a non-empty string`);
+      options[key] = v;
+    };
+    qf$str('label'); qf$str('phase'); qf$str('model'); qf$str('agentType');
+    if (opts.effort !== undefined && opts.effort !== null) {
+      if (!EFFORTS.includes(opts.effort)) {
+        throw new TypeError(`agent() option 'effort' must be one of ${EFFORTS.join(', ')}, not ${qf$message(opts.effort)}`);
+      }
+      options.effort = opts.effort;
+    }
+    if (opts.isolation !== undefined && opts.isolation !== null) {
+      if (opts.isolation !== 'worktree') throw new TypeError("agent() option 'isolation' must be 'worktree'");
+      options.isolation = opts.isolation;
+    }
+    if (opts.timeout !== undefined && opts.timeout !== null) {
+      const t = opts.timeout;
+      if (typeof t !== 'number' || !(t > 0) || t === Infinity) {
+        throw new TypeError("agent() option 'timeout' must be a positive number of milliseconds");
+      }
+      options.timeout = t;
+    }
+    if (opts.schema !== undefined && opts.schema !== null) {
+      const s = opts.schema;
+      if (typeof s !== 'object' || isArray(s)) {
+        throw new TypeError("agent() option 'schema' must be a JSON Schema object with type: 'object'");
+      }
+      let text;
+      try { text = stringify(s); } catch (e) {
+        throw new TypeError("agent() option 'schema' must be JSON-serializable: " + qf$message(e));
+      }
+      if (s.type !== 'object') {
+        throw new TypeError("agent() option 'schema' must have type: 'object' at its root");
+      }
+      options.schema = parse(text);
+    }
+    return { options, unknown };
+  }
+
+  function qf$exhausted() {
+    if (state.issued >= state.maxAgents) {
+      return new WorkflowAgentCapError(
+        `agent cap reached: this run may start at most ${state.maxAgents} agents (raise options.max_agents)`);
+    }
+    if (state.total !== null && state.spent >= state.total) {
+      return new WorkflowBudgetExceededError(
+        `token budget exhausted: ${state.spent} of ${state.total} output tokens spent`);
+    }
+    return null;
+  }
+
+  function agent(prompt, opts) {
+    let checked;
+    try {
+      if (typeof prompt !== 'string' || prompt.trim() === '') {
+        throw new TypeError('agent() expects a non-empty string prompt as its first argument');
+      }
+      checked = qf$checkOptions(opts);
+      const stop = qf$exhausted();
+      if (stop) throw stop;
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    state.issued++;
+    const payload = checked.options;
+    payload.prompt = prompt;
+    if (payload.phase === undefined && currentPhase !== null) payload.phase = currentPhase;
+    if (checked.unknown.length) payload.unknown = checked.unknown;
+    return qf$request('agent', payload);
+  }
+
+  // --- parallel() and pipeline() ----------------------------------------------------------
+  function qf$failure(message) { qf$push('failure', 0, { message }); }
+
+  function parallel(thunks) {
+    if (!isArray(thunks) || thunks.some((t) => typeof t !== 'function')) {
+      return Promise.reject(new TypeError(
+        'parallel() expects an array of functions, not promises. Wrap each call: () => agent(...)'));
+    }
+    if (thunks.length > state.maxItems) {
+      return Promise.reject(new RangeError(
+        `parallel() accepts at most ${state.maxItems} functions, got ${thunks.length}: split the work into batches`));
+    }
+    if (thunks.length === 0) return Promise.resolve([]);
+    const stop = qf$exhausted();
+    if (stop) return Promise.reject(stop);
+    return Promise.all(thunks.map(async function qf$slot(thunk, i) {
+      try {
+        return await thunk();
+      } catch (err) {
+        qf$failure(`parallel[${i}] failed: ${qf$message(err)}`);
+        return null;
+      }
+    }));
+  }
+
+  function pipeline(items, ...stages) {
+    if (!isArray(items)) {
+      return Promise.reject(new TypeError('pipeline() expects an array of items as its first argument'));
+    }
+    if (items.length > state.maxItems) {
+      return Promise.reject(new RangeError(
+        `pipeline() accepts at most ${state.maxItems} items, got ${items.length}: split the work into batches`));
+    }
+    if (stages.some((s) => typeof s !== 'function')) {
+      return Promise.reject(new TypeError(
+        'pipeline() expects stage functions after the items: pipeline(items, (item) => agent(...), ...)'));
+    }
+    return Promise.all(items.map(async function qf$chain(item, i) {
+      let value = item;
+      for (let s = 0; s < stages.length; s++) {
+        try {
+          value = await stages[s](value, item, i);
+        } catch (err) {
+          qf$failure(`pipeline[${i}] failed: ${qf$message(err)}`);
+          return null;
+        }
+        if (value === null) return null;
+      }
+      return value;
+    }));
+  }
+
+  // --- phase(), log(), console ------------------------------------------------------------
+  function phase(title) {
+    if (typeof title !== 'string' || title.trim() === '') throw new TypeError('phase() expects a non-empty string title');
+    currentPhase = title;
+    qf$push('phase', 0, { title });
+  }
+
+  function qf$text(value) {
+    if (typeof value === 'string') return value;
+    try {
+      const s = stringify(value);
+      return s === undefined ? String(value) : s;
+    } catch (_) {
+      return String(value);
+    }
+  }
+
+  function qf$log(level, message) {
+    logLines++;
+    if (logLines > state.maxLogLines) {
+      if (logLines === state.maxLogLines + 1) {
+        qf$push('log', 0, { level: 'warn', message: `log truncated: more than ${state.maxLogLines} lines` });
+      }
+      return;
+    }
+    qf$push('log', 0, { level, message });
+  }
+
+  function log(message) { qf$log('info', qf$text(message)); }
+
+  const qf$join = (args) => args.map(qf$text).join(' ');
+  const console = freeze({
+    log: function log(...a) { qf$log('info', qf$join(a)); },
+    info: function info(...a) { qf$log('info', qf$join(a)); },
+    debug: function debug(...a) { qf$log('debug', qf$join(a)); },
+    warn: function warn(...a) { qf$log('warn', '[warn] ' + qf$join(a)); },
+    error: function error(...a) { qf$log('error', '[error] ' + qf$join(a)); },
+  });
+
+  // --- timers -------------------------------------------------------------------------------
+  function setTimeout(fn, ms, ...args) {
+    if (typeof fn !== 'function') throw new TypeError('setTimeout() expects a function as its first argument');
+    const delay = typeof ms === 'number' && ms > 0 ? ms : 0;
+    const id = nextId++;
+    timers.set(id, [fn, args]);
+    qf$push('timer', id, { ms: delay });
+    return id;
+  }
+
+  function clearTimeout(id) {
+    if (timers.delete(id)) qf$push('clear_timer', id, null);
+  }
+
+  // --- workflow() ---------------------------------------------------------------------------
+  function workflow(name, args) {
+    if (typeof name !== 'string' || name === '') {
+      return Promise.reject(new TypeError('workflow() expects the name of a saved workflow'));
+    }
+    if (state.depth >= 1) {
+      return Promise.reject(new Error(
+        `workflow('${name}') called inside a nested workflow: nesting is limited to one level`));
+    }
+    let payload;
+    try {
+      payload = args === undefined ? { name } : { name, args: parse(stringify(args)) };
+    } catch (err) {
+      return Promise.reject(new TypeError('workflow() args must be JSON-serializable: ' + qf$message(err)));
+    }
+    return qf$request('workflow', payload);
+  }
+
+  // --- the host handle --------------------------------------------------------------------
+  // Serialize the script's return value; refuse what JSON would silently change.
+  function qf$serialize(value) {
+    const stack = [];
+    const qf$check = (v, path) => {
+      const t = typeof v;
+      if (t === 'function') throw new TypeError(`the return value is not JSON-serializable: ${path} is a function`);
+      if (t === 'bigint') throw new TypeError(`the return value is not JSON-serializable: ${path} is a BigInt`);
+      if (t === 'symbol') throw new TypeError(`the return value is not JSON-serializable: ${path} is a Symbol`);
+      if (t !== 'object' || v === null) return;
+      if (stack.includes(v)) throw new TypeError(`the return value is not JSON-serializable: ${path} is a cycle`);
+      stack.push(v);
+      if (typeof v.toJSON !== 'function') {
+        if (isArray(v)) v.forEach((x, i) => qf$check(x, `${path}[${i}]`));
+        else for (const k of objectKeys(v)) qf$check(v[k], `${path}.${k}`);
+      }
+      stack.pop();
+    };
+    qf$check(value, 'result');
+    const text = stringify(value === undefined ? null : value);
+    return text === undefined ? 'null' : text;
+  }
+
+  function qf$finish(ok, value) {
+    if (done !== null) return;
+    if (!ok) { done = { ok: false, error: qf$errorInfo(value) }; return; }
+    try {
+      done = { ok: true, json: qf$serialize(value) };
+    } catch (err) {
+      done = { ok: false, error: qf$errorInfo(err) };
+    }
+  }
+
+  function take() {
+    const out = outbox;
+    outbox = [];
+    // The result travels as its own JSON text, so the host can bound its size before parsing.
+    return stringify({ out, done });
+  }
+
+  function qf$syncState(s) {
+    if (s === undefined || s === null) return;
+    if (typeof s.spent === 'number') state.spent = s.spent;
+    if (typeof s.issued === 'number') state.issued = s.issued;
+  }
+
+  function settle(json) {
+    const batch = parse(json);
+    qf$syncState(batch.state);
+    for (const [id, ok, value] of batch.results || []) {
+      const timer = timers.get(id);
+      if (timer !== undefined) {
+        timers.delete(id);
+        if (done !== null) continue; // timers are no-ops after the run stops
+        try {
+          timer[0](...timer[1]);
+        } catch (err) {
+          qf$log('error', '[error] uncaught exception in a setTimeout callback: ' + qf$message(err));
+        }
+        continue;
+      }
+      const waiter = pending.get(id);
+      if (waiter === undefined) continue;
+      pending.delete(id);
+      if (ok) waiter.resolve(value);
+      else waiter.reject(qf$makeError(value));
+    }
+  }
+
+  function start(main, configJson) {
+    const config = parse(configJson);
+    state.maxAgents = config.maxAgents;
+    state.maxItems = config.maxItems;
+    state.maxLogLines = config.maxLogLines;
+    state.depth = config.depth;
+    state.total = config.budgetTotal;
+    qf$syncState(config.state);
+    const total = state.total;
+    const budget = freeze({
+      total,
+      spent: function spent() { return state.spent; },
+      remaining: function remaining() { return total === null ? Infinity : Math.max(0, total - state.spent); },
+    });
+    const globals = {
+      agent, parallel, pipeline, phase, log, workflow, budget, console, setTimeout, clearTimeout,
+      WorkflowAgentCapError, WorkflowBudgetExceededError, StructuredOutputError,
+      args: config.hasArgs ? config.args : undefined,
+    };
+    for (const name of objectKeys(globals)) {
+      defineProperty(g, name, { value: globals[name], writable: false, enumerable: false, configurable: false });
+    }
+    let promise;
+    try {
+      promise = main();
+    } catch (err) {
+      qf$finish(false, err);
+      return;
+    }
+    promise.then(function qf$resolved(v) { qf$finish(true, v); }, function qf$rejected(e) { qf$finish(false, e); });
+  }
+
+  g.__quickflow_host = { take, settle, start };
+})();

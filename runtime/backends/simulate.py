@@ -1,0 +1,181 @@
+"""The simulate backend: offline, deterministic agents for dry runs, tests and benchmarks.
+
+Answers are derived from the request alone (a hash of the prompt), so the same call always
+gets the same answer: text for plain agents, an object generated from the schema otherwise.
+Token counts are non-zero and derived from the text. Per-run settings shape a run without
+code (``options.simulate``):
+
+    latency_ms:      N or [min, max]   (per call, deterministic within the range)
+    output_tokens:   N                 (override the derived count)
+    fail:            [regex, ...]      (label or prompt matches → the call fails terminally)
+    invalid:         [regex, ...]      (matches → schema output never validates)
+    invalid_attempts: N                (with ``invalid``: only the first N attempts are invalid)
+    responses:       [{match, text?, data?}, ...]   (canned answers)
+
+``record_path`` (or ``QUICKFLOW_SIMULATE_RECORD``) appends one JSON line per execution, so a
+test can count executions across processes (the crash test does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..errors import InvalidRequest, TerminalBackendError
+from ._protocol import AgentRequest, AgentResult, Usage
+
+__all__ = ["SimulateBackend", "check_simulate_settings", "sample_from_schema"]
+
+_WORDS = (
+    "alpha beta gamma delta signal vector buffer module review finding verified claim source "
+    "handler index cache token parser result summary risk owner branch"
+).split()
+
+
+def _seed(*parts: str) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "big")
+
+
+def sample_from_schema(schema: Any, seed: str, path: str = "$") -> Any:
+    """A value valid for common JSON Schemas, chosen deterministically from ``seed``."""
+    if not isinstance(schema, Mapping):
+        return None
+    n = _seed(seed, path)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema and schema["enum"]:
+        options = list(schema["enum"])
+        return options[n % len(options)]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return sample_from_schema(schema[key][0], seed, path)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), kind[0] if kind else None)
+    if kind is None:
+        kind = "object" if "properties" in schema else "string"
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {key: sample_from_schema(sub, seed, f"{path}.{key}") for key, sub in props.items()}
+    if kind == "array":
+        low = int(schema.get("minItems", 0))
+        high = int(schema.get("maxItems", max(low, 3)))
+        count = max(low, min(high, n % 4))
+        return [sample_from_schema(schema.get("items", {}), seed, f"{path}[{i}]") for i in range(count)]
+    if kind == "string":
+        text = " ".join(_WORDS[(n >> (4 * i)) % len(_WORDS)] for i in range(3))
+        min_len = int(schema.get("minLength", 0))
+        if len(text) < min_len:
+            text = text + "x" * (min_len - len(text))
+        if "maxLength" in schema:
+            text = text[: int(schema["maxLength"])]
+        return text
+    if kind == "integer":
+        low = int(schema.get("minimum", 0))
+        high = int(schema.get("maximum", low + 10))
+        return low + n % (high - low + 1)
+    if kind == "number":
+        low = float(schema.get("minimum", 0.0))
+        high = float(schema.get("maximum", low + 1.0))
+        return round(low + (n % 1000) / 1000 * (high - low), 3)
+    if kind == "boolean":
+        return bool(n & 1)
+    return None
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def check_simulate_settings(settings: Any) -> dict[str, Any]:
+    """Validate ``options.simulate``; raise InvalidRequest with the reason."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, Mapping):
+        raise InvalidRequest("options.simulate must be an object")
+    latency = settings.get("latency_ms", 0)
+    if isinstance(latency, list):
+        if len(latency) != 2 or not all(isinstance(x, (int, float)) and x >= 0 for x in latency):
+            raise InvalidRequest("options.simulate.latency_ms must be a number or [min, max]")
+    elif not isinstance(latency, (int, float)) or latency < 0:
+        raise InvalidRequest("options.simulate.latency_ms must be a non-negative number or [min, max]")
+    for key in ("fail", "invalid"):
+        patterns = settings.get(key, [])
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise InvalidRequest(f"options.simulate.{key} must be a list of regular expressions")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InvalidRequest(f"options.simulate.{key}: bad regular expression {pattern!r}: {exc}") from exc
+    return dict(settings)
+
+
+class SimulateBackend:
+    name = "simulate"
+
+    def __init__(self, record_path: Path | None = None) -> None:
+        env = os.environ.get("QUICKFLOW_SIMULATE_RECORD")
+        self.record_path = record_path or (Path(env) if env else None)
+        self.executions = 0
+
+    async def call(self, request: AgentRequest) -> AgentResult:
+        settings = request.settings or {}
+        self.executions += 1
+        self._record(request)
+        subject = f"{request.label}\n{request.prompt}"
+        delay = _latency(settings.get("latency_ms", 0), request.prompt)
+        if delay > 0:
+            await anyio.sleep(delay)
+        if any(re.search(p, request.label) or re.search(p, request.prompt) for p in settings.get("fail", [])):
+            raise TerminalBackendError(f"simulated failure (options.simulate.fail matched {request.label!r})")
+        text, data = self._answer(request, settings, subject)
+        out_tokens = int(settings.get("output_tokens") or _tokens(text))
+        usage = Usage(input_tokens=_tokens(request.prompt) + 12, output_tokens=out_tokens)
+        return AgentResult(
+            text=text,
+            data=data,
+            usage=usage,
+            model=request.model or "simulate",
+            transcript=(
+                {"role": "user", "content": request.prompt},
+                {"role": "assistant", "content": text},
+            ),
+        )
+
+    def _answer(self, request: AgentRequest, settings: Mapping[str, Any], subject: str) -> tuple[str, Any]:
+        for canned in settings.get("responses", []):
+            if re.search(str(canned.get("match", "")), subject):
+                if "data" in canned:
+                    return json.dumps(canned["data"]), canned["data"]
+                return str(canned.get("text", "")), None
+        if request.schema is not None:
+            invalid = any(re.search(p, subject) for p in settings.get("invalid", []))
+            attempts = settings.get("invalid_attempts")
+            if invalid and (attempts is None or request.attempt <= int(attempts)):
+                return json.dumps({"__invalid__": True}), {"__invalid__": True}
+            data = sample_from_schema(request.schema, request.prompt)
+            return json.dumps(data), data
+        words = " ".join(_WORDS[(_seed(request.prompt, str(i))) % len(_WORDS)] for i in range(8))
+        return f"Simulated answer for {request.label or request.prompt[:60]!r}: {words}.", None
+
+    def _record(self, request: AgentRequest) -> None:
+        if self.record_path is None:
+            return
+        line = json.dumps({"run_id": request.run_id, "index": request.index, "prompt": request.prompt}) + "\n"
+        with open(self.record_path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+
+
+def _latency(value: Any, prompt: str) -> float:
+    if isinstance(value, list) and len(value) == 2:
+        low, high = float(value[0]), float(value[1])
+        return (low + (_seed(prompt, "latency") % 1000) / 1000 * (high - low)) / 1000
+    return float(value or 0) / 1000

@@ -1,0 +1,178 @@
+"""The dispatcher: the server-wide agent limit and one agent's attempt loop.
+
+A run asks the dispatcher to execute a call once it holds a slot of its own concurrency
+limit. The dispatcher takes a server-wide slot, then calls the backend under the agent's
+timeout, validates structured output with ``jsonschema`` and feeds validation errors back to
+the model, at most ``MAX_SCHEMA_ATTEMPTS`` times. The outcome is a value, never an exception
+for the script: an :class:`AgentOutcome` says completed / failed / structured-output error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import anyio
+
+from .backends import AgentBackend, AgentRequest, AgentResult, Correction, Usage
+from .errors import BackendError
+from .schema import validation_error
+
+__all__ = ["AgentOutcome", "Dispatcher", "DispatcherStatistics", "MAX_SCHEMA_ATTEMPTS"]
+
+MAX_SCHEMA_ATTEMPTS = 5
+
+logger = logging.getLogger("quickflow.dispatcher")
+
+
+@dataclass(frozen=True)
+class AgentOutcome:
+    """``status``: completed | failed | timeout | structured_output_error."""
+
+    status: str
+    output: Any = None
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    model: str | None = None
+    attempts: int = 0
+    error: str | None = None
+    transcript: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class DispatcherStatistics:
+    server_limit: int
+    in_flight: int
+    waiting: int
+    executed_total: int
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        backends: Mapping[str, AgentBackend],
+        *,
+        server_concurrency: int = 64,
+        max_result_bytes: int = 1024 * 1024,
+        cost: Callable[[str, Usage], float] | None = None,
+    ) -> None:
+        self.backends = dict(backends)
+        self._limiter = anyio.CapacityLimiter(server_concurrency)
+        self._max_result_bytes = max_result_bytes
+        self._cost = cost
+        self._executed = 0
+
+    def statistics(self) -> DispatcherStatistics:
+        stats = self._limiter.statistics()
+        return DispatcherStatistics(
+            server_limit=int(stats.total_tokens),
+            in_flight=stats.borrowed_tokens,
+            waiting=stats.tasks_waiting,
+            executed_total=self._executed,
+        )
+
+    def backend(self, name: str) -> AgentBackend:
+        return self.backends[name]
+
+    async def execute(
+        self,
+        backend_name: str,
+        request: AgentRequest,
+        *,
+        on_retry: Callable[[int, str], None] | None = None,
+    ) -> AgentOutcome:
+        """Run one call to an outcome. Cancellation (stop, restart, cancel) propagates to the caller."""
+        async with self._limiter:
+            self._executed += 1
+            with anyio.move_on_after(request.timeout_s) as deadline:
+                return await self._attempts(self.backends[backend_name], request, on_retry)
+        assert deadline.cancelled_caught  # move_on_after only falls through when it fired
+        return AgentOutcome(
+            status="timeout",
+            error=f"agent timed out after {request.timeout_s:g} s",
+            attempts=request.attempt,
+        )
+
+    async def _attempts(
+        self,
+        backend: AgentBackend,
+        request: AgentRequest,
+        on_retry: Callable[[int, str], None] | None,
+    ) -> AgentOutcome:
+        usage = Usage()
+        cost = 0.0
+        transcript: list[Mapping[str, Any]] = []
+        attempt_request = request
+        last_error = ""
+        model: str | None = request.model
+        for attempt in range(1, MAX_SCHEMA_ATTEMPTS + 1):
+            try:
+                result = await backend.call(attempt_request)
+            except BackendError as exc:
+                return AgentOutcome("failed", usage=usage, cost_usd=cost, error=exc.message, attempts=attempt,
+                                    transcript=tuple(transcript), model=model)
+            except Exception as exc:  # a bug in a backend must not take the run down with it
+                logger.exception("backend %s raised unexpectedly", getattr(backend, "name", "?"))
+                return AgentOutcome("failed", usage=usage, cost_usd=cost, attempts=attempt,
+                                    error=f"backend error: {type(exc).__name__}: {exc}",
+                                    transcript=tuple(transcript), model=model)
+            usage = usage + result.usage
+            cost += result.cost_usd or (self._cost(result.model or model or "", result.usage) if self._cost else 0.0)
+            model = result.model or model
+            transcript.extend(result.transcript)
+            if request.schema is None:
+                return self._finish(result.text, usage, cost, model, attempt, transcript)
+            data, problem = _structured(result, request.schema)
+            if problem is None:
+                return self._finish(data, usage, cost, model, attempt, transcript)
+            last_error = problem
+            if attempt < MAX_SCHEMA_ATTEMPTS:
+                if on_retry is not None:
+                    on_retry(attempt + 1, problem)
+                attempt_request = replace(
+                    attempt_request,
+                    corrections=(*attempt_request.corrections, Correction(output=result.text, error=problem)),
+                )
+        return AgentOutcome(
+            "structured_output_error",
+            usage=usage,
+            cost_usd=cost,
+            model=model,
+            attempts=MAX_SCHEMA_ATTEMPTS,
+            error=last_error,
+            transcript=tuple(transcript),
+        )
+
+    def _finish(
+        self, output: Any, usage: Usage, cost: float, model: str | None, attempts: int, transcript: list[Mapping[str, Any]]
+    ) -> AgentOutcome:
+        size = len(output.encode()) if isinstance(output, str) else len(json.dumps(output).encode())
+        if size > self._max_result_bytes:
+            return AgentOutcome("failed", usage=usage, cost_usd=cost, model=model, attempts=attempts,
+                                error=f"agent result is {size} bytes; the limit is {self._max_result_bytes} bytes",
+                                transcript=tuple(transcript))
+        return AgentOutcome("completed", output=output, usage=usage, cost_usd=cost, model=model,
+                            attempts=attempts, transcript=tuple(transcript))
+
+
+def _structured(result: AgentResult, schema: Mapping[str, Any]) -> tuple[Any, str | None]:
+    data = result.data
+    if data is None:
+        try:
+            data = json.loads(_strip_fences(result.text))
+        except ValueError as exc:
+            return None, f"the answer is not valid JSON ({exc}); reply with only the JSON object"
+    problem = validation_error(data, schema)
+    return data, problem
+
+
+def _strip_fences(text: str) -> str:
+    text = text.strip()
+    if text.startswith("```"):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+        if text.rstrip().endswith("```"):
+            text = text.rstrip()[:-3]
+    return text

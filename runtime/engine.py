@@ -1,0 +1,311 @@
+"""The engine: hosts runs in one process. The CLI and the HTTP API both call it.
+
+    async with Engine(settings, store) as engine:
+        record = await engine.submit(RunRequest(script="return await agent('hi')"), owner="local")
+        record = await engine.wait(record.id)
+
+Every run is a task in the engine's task group, started by ``submit`` and recovered at start
+(runs the store says were ``queued``/``running``/``paused`` when the last process stopped
+continue from their journal). Leaving the ``async with`` cancels live runs without ending
+them: the next engine on the same store picks them up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from sandbox import CheckResult, ScriptFailure, SlicePool, check_script
+
+from . import models
+from .backends import AgentBackend, SimulateBackend
+from .config import Settings
+from .dispatcher import Dispatcher
+from .errors import (
+    ConfigError,
+    InvalidRequest,
+    ResumeConflict,
+    RunNotFound,
+    ScriptRejected,
+    WorkflowNotFound,
+)
+from .events import EventLog, EventType
+from .journal import RESUME_MODES, ResumePlan
+from .options import RunOptions
+from .run import Run, RunContext
+from .state import RunStatus
+from .store import EventRecord, RunRecord, Store, WorkflowRecord
+
+__all__ = ["Engine", "RunRequest"]
+
+logger = logging.getLogger("quickflow.engine")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A request to start a run: a script or a saved workflow's name, plus input and options."""
+
+    script: str | None = None
+    workflow: str | None = None
+    args: Any = None
+    has_args: bool = False
+    options: Mapping[str, Any] | None = None
+    resume_from: str | None = None
+    resume_mode: str = "reuse"
+    idempotency_key: str | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        backends: Mapping[str, AgentBackend] | None = None,
+        pool: SlicePool | None = None,
+        recover: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.limits = settings.limits
+        self.pool = pool or SlicePool()
+        self.backends: dict[str, AgentBackend] = dict(backends or {})
+        self.backends.setdefault("simulate", SimulateBackend())
+        self.dispatcher = Dispatcher(
+            self.backends,
+            server_concurrency=self.limits.server_concurrency,
+            max_result_bytes=self.limits.agent_result_bytes,
+            cost=lambda model, usage: models.cost_usd(model, usage, prices=settings.prices, aliases=settings.models),
+        )
+        self.node = f"{os.uname().nodename}:{os.getpid()}"
+        self._recover = recover
+        self._runs: dict[str, Run] = {}
+        self._tg: TaskGroup | None = None
+        self._ctx = RunContext(
+            store=store,
+            dispatcher=self.dispatcher,
+            pool=self.pool,
+            limits=self.limits,
+            profiles=settings.profiles,
+            resolve_model=self._resolve_model,
+            load_workflow=store.get_workflow,
+            list_workflows=self._workflow_names,
+        )
+
+    async def __aenter__(self) -> Engine:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        if self._recover:
+            await self._recover_runs()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            return await self._tg.__aexit__(*exc_info)
+        finally:
+            self._tg = None
+
+    # --- checks and submission ----------------------------------------------------------------
+
+    def check(self, script: str, *, require_meta: bool = False) -> CheckResult:
+        return check_script(script, require_meta=require_meta, max_bytes=self.limits.script_bytes)
+
+    def _checked(self, script: str, *, require_meta: bool = False) -> CheckResult:
+        result = self.check(script, require_meta=require_meta)
+        if not result.ok:
+            raise ScriptRejected(result.errors)
+        return result
+
+    async def submit(self, request: RunRequest, *, owner: str = "local") -> RunRecord:
+        """Validate and start a run. Raises ScriptRejected, InvalidRequest, NotFound or ResumeConflict."""
+        if request.idempotency_key:
+            existing = await self.store.find_run_by_idempotency_key(owner, request.idempotency_key)
+            if existing is not None:
+                return existing
+        options = RunOptions.parse(request.options, self.limits, default_backend=self.settings.backend_name())
+        if options.effective_backend not in self.backends:
+            raise InvalidRequest(
+                f"backend {options.effective_backend!r} is not configured on this server "
+                f"(available: {', '.join(sorted(self.backends))})"
+            )
+        script, args, has_args = request.script, request.args, request.has_args
+        workflow = request.workflow
+        plan: ResumePlan | None = None
+        if request.resume_from:
+            if request.resume_mode not in RESUME_MODES:
+                raise InvalidRequest(f"resume_mode must be one of {', '.join(RESUME_MODES)}")
+            source = await self.get_run(request.resume_from, owner=owner)
+            live = self._runs.get(source.id)
+            if live is not None and not live.status.terminal:
+                raise ResumeConflict(source.id)
+            script = script if script is not None else source.script
+            workflow = workflow or source.workflow
+            if not has_args and source.has_args:
+                args, has_args = source.args, True
+            plan = ResumePlan(await self.store.list_calls(source.id), request.resume_mode)
+        elif workflow and script is None:
+            record = await self.store.get_workflow(workflow)
+            if record is None:
+                raise WorkflowNotFound(workflow, await self._workflow_names())
+            script = record.script
+        if script is None:
+            raise InvalidRequest("a run needs a script or the name of a saved workflow")
+        checked = self._checked(script)
+        if has_args:
+            _check_args_size(args, self.limits.args_bytes)
+        record = RunRecord(
+            id=_new_run_id(),
+            owner=owner,
+            status=RunStatus.QUEUED.value,
+            script=script,
+            args=args if has_args else None,
+            has_args=has_args,
+            options=options.to_dict(),
+            workflow=workflow,
+            resume_from=request.resume_from,
+            resume_mode=request.resume_mode if request.resume_from else None,
+            idempotency_key=request.idempotency_key,
+            created_at=time.time(),
+            node=self.node,
+        )
+        await self.store.save_run(record)
+        run = self._make_run(record, options, checked, plan=plan)
+        run.events.emit(EventType.RUN_QUEUED, {"workflow": workflow, "resume_from": request.resume_from})
+        for warning in checked.warnings:
+            run.warn(f"{warning.line}:{warning.column}: {warning.message}")
+        self._start(run)
+        return run.record
+
+    def _make_run(
+        self,
+        record: RunRecord,
+        options: RunOptions,
+        checked: CheckResult,
+        *,
+        plan: ResumePlan | None = None,
+        recovered: list[Any] | None = None,
+        last_seq: int = 0,
+    ) -> Run:
+        events = EventLog(record.id, self.store, start_seq=last_seq)
+        phases = [p.title for p in checked.meta.phases] if checked.meta else []
+        run = Run(record, options, self._ctx, events, body=checked.body, phases=phases, plan=plan,
+                  recovered=recovered)
+        self._runs[record.id] = run
+        return run
+
+    def _start(self, run: Run) -> None:
+        if self._tg is None:
+            raise RuntimeError("the engine is not running: use `async with Engine(...)`")
+        self._tg.start_soon(self._drive, run, name=f"run {run.id}")
+
+    async def _drive(self, run: Run) -> None:
+        try:
+            await run.drive()
+        except Exception:  # a bug must end this run, not the service
+            logger.exception("run %s crashed", run.id)
+            with anyio.CancelScope(shield=True):
+                await run.finish(ScriptFailure("internal", "InternalError", "the run crashed inside quickflow"), None)
+
+    async def _recover_runs(self) -> None:
+        for record in await self.store.runs_with_status(
+            [RunStatus.QUEUED.value, RunStatus.RUNNING.value, RunStatus.PAUSED.value]
+        ):
+            try:
+                checked = self._checked(record.script)
+                options = RunOptions.parse(record.options, self.limits)
+            except (ScriptRejected, InvalidRequest, ConfigError) as exc:
+                logger.warning("cannot recover run %s: %s", record.id, exc)
+                continue
+            calls = await self.store.list_calls(record.id)
+            events = await self.store.read_events(record.id)
+            last_seq = events[-1].seq if events else 0
+            plan = None
+            if record.resume_from:
+                plan = ResumePlan(await self.store.list_calls(record.resume_from), record.resume_mode or "reuse")
+            completed = [c for c in calls if c.status in ("completed", "cached")]
+            record = replace(record, node=self.node, status=RunStatus.RUNNING.value)
+            run = self._make_run(record, options, checked, plan=plan, recovered=completed, last_seq=last_seq)
+            self._start(run)
+
+    def _resolve_model(self, requested: str | None, run_model: str | None) -> str:
+        return models.resolve_model(requested, run_model or self.settings.default_model, aliases=self.settings.models)
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def live(self, run_id: str) -> Run | None:
+        return self._runs.get(run_id)
+
+    async def get_run(self, run_id: str, *, owner: str | None = None) -> RunRecord:
+        """The run's record (live state for runs in this process). ``owner=None`` sees every run."""
+        run = self._runs.get(run_id)
+        record = replace(run.record, usage=run.summary()) if run is not None else await self.store.get_run(run_id)
+        if record is None or (owner is not None and record.owner != owner):
+            raise RunNotFound(run_id)
+        return record
+
+    async def wait(self, run_id: str) -> RunRecord:
+        run = self._runs.get(run_id)
+        if run is not None:
+            await run.done.wait()
+        return await self.get_run(run_id)
+
+    async def follow(self, run_id: str, after_seq: int = 0) -> AsyncIterator[EventRecord]:
+        """The run's events after ``after_seq``; live until the run ends."""
+        run = self._runs.get(run_id)
+        if run is not None:
+            async for event in run.events.follow(after_seq):
+                yield event
+            return
+        for event in await self.store.read_events(run_id, after_seq):
+            yield event
+
+    # --- saved workflows ----------------------------------------------------------------------
+
+    async def _workflow_names(self) -> list[str]:
+        return [w.name for w in await self.store.list_workflows()]
+
+    async def save_workflow(self, script: str, *, name: str | None = None, owner: str | None = None,
+                            source: str = "api") -> WorkflowRecord:
+        checked = self._checked(script, require_meta=True)
+        assert checked.meta is not None  # require_meta guarantees it
+        if name is not None and name != checked.meta.name:
+            raise InvalidRequest(f"the workflow's meta.name is {checked.meta.name!r}, not {name!r}")
+        record = WorkflowRecord(name=checked.meta.name, script=script, meta=checked.meta.to_dict(), owner=owner,
+                                source=source, updated_at=time.time())
+        await self.store.save_workflow(record)
+        return record
+
+    async def load_workflows_dir(self, directory: Path) -> list[str]:
+        """Save every ``*.js`` file with valid meta from ``directory``; report the ones skipped."""
+        loaded: list[str] = []
+        for path in sorted(directory.glob("*.js")):
+            try:
+                record = await self.save_workflow(path.read_text(encoding="utf-8"), source="directory")
+            except (ScriptRejected, InvalidRequest) as exc:
+                logger.warning("skipping workflow file %s: %s", path, exc)
+                continue
+            loaded.append(record.name)
+        return loaded
+
+
+def _new_run_id() -> str:
+    return "run_" + uuid.uuid4().hex[:20]
+
+
+def _check_args_size(args: Any, limit: int) -> None:
+    import json
+
+    size = len(json.dumps(args).encode())
+    if size > limit:
+        raise InvalidRequest(f"args is {size} bytes of JSON; the limit is {limit} bytes")

@@ -1,0 +1,110 @@
+"""Run events (SPEC §3.4): a per-run log with a monotonic ``seq``, stored and followed live.
+
+An :class:`EventLog` keeps the run's events in memory while the run is live, queues each one
+to the store (``append_events`` never blocks), and wakes followers. Followers read from an
+index, so a reconnect with ``Last-Event-ID`` resumes exactly after the last event it saw:
+nothing is missed and nothing repeats.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from enum import Enum
+from typing import Any
+
+import anyio
+
+from .store import EventRecord, Store
+
+__all__ = ["EventLog", "EventType"]
+
+
+class EventType(str, Enum):
+    RUN_QUEUED = "run.queued"
+    RUN_STARTED = "run.started"
+    RUN_PAUSED = "run.paused"
+    RUN_RESUMED = "run.resumed"
+    RUN_COMPLETED = "run.completed"
+    RUN_FAILED = "run.failed"
+    RUN_CANCELLED = "run.cancelled"
+    PHASE_STARTED = "phase.started"
+    AGENT_QUEUED = "agent.queued"
+    AGENT_STARTED = "agent.started"
+    AGENT_PROGRESS = "agent.progress"
+    AGENT_COMPLETED = "agent.completed"
+    AGENT_FAILED = "agent.failed"
+    AGENT_STOPPED = "agent.stopped"
+    AGENT_CACHED = "agent.cached"
+    AGENT_RETRYING = "agent.retrying"
+    LOG = "log"
+    WARNING = "warning"
+    BUDGET_UPDATED = "budget.updated"
+
+
+TERMINAL_EVENTS = frozenset({EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELLED})
+
+
+class EventLog:
+    def __init__(
+        self,
+        run_id: str,
+        store: Store,
+        *,
+        start_seq: int = 0,
+        listener: Callable[[EventRecord], None] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self._store = store
+        self._seq = start_seq
+        self._first_seq = start_seq + 1
+        self._events: list[EventRecord] = []
+        self._changed = anyio.Event()
+        self._closed = False
+        self._listener = listener
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def emit(self, type: EventType, data: dict[str, Any] | None = None) -> EventRecord:
+        self._seq += 1
+        event = EventRecord(self._seq, time.time(), self.run_id, type.value, data or {})
+        self._events.append(event)
+        self._store.append_events((event,))
+        if self._listener is not None:
+            self._listener(event)
+        self._changed.set()
+        self._changed = anyio.Event()
+        return event
+
+    def close(self) -> None:
+        """No more events: followers drain what is left and stop."""
+        self._closed = True
+        self._changed.set()
+
+    def history(self, after_seq: int = 0) -> list[EventRecord]:
+        start = max(0, after_seq + 1 - self._first_seq)
+        return self._events[start:]
+
+    async def follow(self, after_seq: int = 0) -> AsyncIterator[EventRecord]:
+        """Every event with ``seq > after_seq``, then live ones until the log closes.
+
+        Events before this process started driving the run (after a crash) come from the store.
+        """
+        if after_seq + 1 < self._first_seq:
+            for event in await self._store.read_events(self.run_id, after_seq):
+                if event.seq >= self._first_seq:
+                    break
+                yield event
+                after_seq = event.seq
+        while True:
+            changed = self._changed
+            batch = self.history(after_seq)
+            for event in batch:
+                yield event
+                after_seq = event.seq
+            if self._closed and not self.history(after_seq):
+                return
+            if not batch:
+                await changed.wait()

@@ -1,0 +1,579 @@
+"""A run: one script's execution, its agents, its accounting and its controls.
+
+The :class:`Run` owns what the main script and a ``workflow()`` child share: the status, the
+agent counter and cap, the token budget, the per-run concurrency limit, the pause gate, the
+journal lookups (crash recovery and ``resume_from``), phases, and every agent call. The
+script itself is driven by :class:`runtime.script.ScriptDriver`.
+
+Agent calls flow: validate (cap, budget, schema, agentType) → journal lookup (cached?) →
+queue on the run's limiter → wait while paused → execute through the dispatcher under a
+cancel scope (stop / restart) → journal the result durably → hand it to the script.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import anyio
+
+from sandbox import Isolate, IsolateLimits, ScriptFailure, check_script
+
+from .backends import AgentRequest, Usage
+from .dispatcher import AgentOutcome, Dispatcher
+from .errors import AgentNotFound, InvalidRunState
+from .events import EventLog, EventType
+from .journal import Occurrences, ResumePlan, call_key
+from .limits import Limits
+from .options import RunOptions
+from .schema import schema_problem
+from .state import AgentStatus, RunStatus, can_transition
+from .store import CallRecord, RunRecord, Store, WorkflowRecord
+
+__all__ = ["LiveCall", "Run", "RunContext", "default_label"]
+
+logger = logging.getLogger("quickflow.run")
+
+NO_PHASE = "(no phase)"
+PREVIEW_CHARS = 200
+
+
+def default_label(prompt: str) -> str:
+    """The first 60 characters of the prompt, whitespace collapsed."""
+    return re.sub(r"\s+", " ", prompt).strip()[:60]
+
+
+def _preview(value: Any) -> str:
+    import json
+
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run needs from the engine that hosts it."""
+
+    store: Store
+    dispatcher: Dispatcher
+    pool: Any  # sandbox.SlicePool
+    limits: Limits
+    profiles: Mapping[str, Any]
+    resolve_model: Callable[[str | None, str | None], str | None]
+    load_workflow: Callable[[str], Awaitable[WorkflowRecord | None]]
+    list_workflows: Callable[[], Awaitable[list[str]]]
+
+
+@dataclass
+class LiveCall:
+    """An agent call while its run is live; ``record()`` is its journal entry."""
+
+    index: int
+    key: str
+    occurrence: int
+    prompt: str
+    options: dict[str, Any]
+    label: str
+    phase: str
+    status: AgentStatus = AgentStatus.QUEUED
+    attempt: int = 1
+    output: Any = None
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    model: str | None = None
+    error: str | None = None
+    queued_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    transcript: list[Any] = field(default_factory=list)
+    scope: anyio.CancelScope | None = None
+    stop_requested: bool = False
+    restart_requested: bool = False
+
+    def record(self, run_id: str) -> CallRecord:
+        return CallRecord(
+            run_id=run_id,
+            index=self.index,
+            key=self.key,
+            occurrence=self.occurrence,
+            status=self.status.value,
+            prompt=self.prompt,
+            options=self.options,
+            label=self.label,
+            phase=self.phase,
+            output=self.output,
+            usage=self.usage.to_dict(),
+            cost_usd=self.cost_usd,
+            model=self.model,
+            attempts=self.attempt,
+            queued_at=self.queued_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            error=self.error,
+            transcript=list(self.transcript),
+        )
+
+    def event_data(self, **extra: Any) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "index": self.index,
+            "label": self.label,
+            "phase": self.phase,
+            "model": self.model or self.options.get("model"),
+            "attempt": self.attempt,
+        }
+        data.update(extra)
+        return data
+
+
+@dataclass
+class PhaseStats:
+    title: str
+    started_at: float | None = None
+    finished_at: float | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    output_tokens: int = 0
+    input_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        end = self.finished_at or time.time()
+        return {
+            "title": self.title,
+            "agents": dict(self.counts),
+            "tokens": {"input": self.input_tokens, "output": self.output_tokens},
+            "cost_usd": round(self.cost_usd, 6),
+            "elapsed_s": round(end - self.started_at, 3) if self.started_at else 0.0,
+        }
+
+
+class Run:
+    def __init__(
+        self,
+        record: RunRecord,
+        options: RunOptions,
+        ctx: RunContext,
+        events: EventLog,
+        *,
+        body: str,
+        phases: list[str],
+        plan: ResumePlan | None = None,
+        recovered: list[CallRecord] | None = None,
+    ) -> None:
+        self.record = record
+        self.options = options
+        self.ctx = ctx
+        self.limits = ctx.limits
+        self.events = events
+        self.body = body
+        self.status = RunStatus(record.status)
+        self._plan = plan
+        # Crash recovery replays the run's own journal: completed calls keep their index.
+        self._recovery = ResumePlan(recovered, "reuse") if recovered else None
+        self._recovered_by_key = {(c.key, c.occurrence): c for c in recovered or []}
+        self._next_index = max((c.index for c in recovered or []), default=-1) + 1
+        self.calls: dict[int, LiveCall] = {}
+        self._occurrences = Occurrences()
+        self._limiter = anyio.CapacityLimiter(options.concurrency)
+        self._unpaused = anyio.Event()
+        self._unpaused.set()
+        self._cancel_scope: anyio.CancelScope | None = None
+        self._user_cancelled = False
+        self.issued = 0
+        self.usage = Usage()
+        self.cost_usd = 0.0
+        self.spent = 0
+        self.log_lines = 0
+        self.warnings: list[str] = []
+        self.failures: list[str] = []
+        self.phases: dict[str, PhaseStats] = {title: PhaseStats(title) for title in phases}
+        self.done = anyio.Event()
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    def js_state(self) -> dict[str, int]:
+        """What the prelude mirrors: tokens spent and agents issued (parent and children)."""
+        return {"spent": self.spent, "issued": self.issued}
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def drive(self) -> None:
+        """Run the script to a terminal status. Engine shutdown cancels this without ending the run."""
+        started = time.time()
+        await self._set_status(RunStatus.RUNNING, started_at=self.record.started_at or started)
+        self.events.emit(EventType.RUN_STARTED, {"recovered": self._recovery is not None})
+        failure: ScriptFailure | None = None
+        result: Any = None
+        with anyio.CancelScope() as scope:
+            self._cancel_scope = scope
+            with anyio.move_on_after(self.options.timeout_s) as deadline:
+                driver = self._driver(self.body, args=self.record.args, has_args=self.record.has_args)
+                final = await driver.execute()
+                failure, result = final.failure, final.result
+            if deadline.cancelled_caught:
+                failure = ScriptFailure("limit", "timeout", f"run exceeded its time limit of {self.options.timeout_s:g} s")
+        if scope.cancelled_caught and not self._user_cancelled:
+            return  # cancelled from outside (shutdown); the enclosing cancellation propagates
+        with anyio.CancelScope(shield=True):
+            await self.finish(failure, result)
+
+    async def finish(self, failure: ScriptFailure | None, result: Any) -> None:
+        now = time.time()
+        for call in self.calls.values():
+            if not call.status.terminal:
+                call.status = AgentStatus.STOPPED
+                call.error = "the run ended before this agent finished"
+                call.finished_at = now
+                await self.ctx.store.save_call(call.record(self.id))
+        for stats in self.phases.values():
+            if stats.started_at and not stats.finished_at:
+                stats.finished_at = now
+        if self._user_cancelled:
+            status, error = RunStatus.CANCELLED, {"kind": "cancelled", "message": "cancelled by request"}
+            self.events.emit(EventType.RUN_CANCELLED, {})
+        elif failure is not None:
+            status, error = RunStatus.FAILED, failure.to_dict() | {"message": failure.describe()}
+            self.events.emit(EventType.RUN_FAILED, {"error": error})
+        else:
+            status, error = RunStatus.COMPLETED, None
+            self.events.emit(EventType.RUN_COMPLETED, {"result_preview": _preview(result)})
+        await self._set_status(status, finished_at=now, result=result if status is RunStatus.COMPLETED else None,
+                               error=error)
+        self.events.close()
+        self.done.set()
+
+    def summary(self) -> dict[str, Any]:
+        """Usage and progress: agents by state, tokens, cost, duration, phases, warnings, failures."""
+        counts: dict[str, int] = {}
+        for call in self.calls.values():
+            counts[call.status.value] = counts.get(call.status.value, 0) + 1
+        end = self.record.finished_at or time.time()
+        start = self.record.started_at or self.record.created_at
+        return {
+            "agents": {"total": len(self.calls), **counts},
+            "tokens": {
+                "input": self.usage.input_tokens,
+                "output": self.usage.output_tokens,
+                "cache_read": self.usage.cache_read_tokens,
+                "cache_write": self.usage.cache_write_tokens,
+            },
+            "cost_usd": round(self.cost_usd, 6),
+            "estimated": self.options.dry_run,
+            "duration_s": round(end - start, 3) if start else 0.0,
+            "phases": [p.to_dict() for p in self.phases.values()],
+            "warnings": list(self.warnings),
+            "failures": list(self.failures),
+        }
+
+    async def _set_status(self, status: RunStatus, **changes: Any) -> None:
+        self.status = status
+        self.record = replace(self.record, status=status.value, usage=self.summary(), **changes)
+        if "finished_at" in changes:  # the summary's duration needs the final timestamps
+            self.record = replace(self.record, usage=self.summary())
+        await self.ctx.store.save_run(self.record)
+
+    def _driver(self, body: str, *, args: Any, has_args: bool, depth: int = 0, group: str | None = None) -> Any:
+        from .script import ScriptDriver
+
+        limits = IsolateLimits(
+            heap_bytes=self.limits.heap_bytes,
+            stack_bytes=self.limits.stack_bytes,
+            slice_cpu_s=self.limits.slice_cpu_s,
+            run_cpu_s=self.limits.run_cpu_s,
+            result_bytes=self.limits.run_result_bytes,
+        )
+        return ScriptDriver(self, self.ctx.pool, Isolate(limits), body, args=args, has_args=has_args,
+                            depth=depth, group=group)
+
+    # --- controls -----------------------------------------------------------------------------
+
+    async def pause(self) -> None:
+        if not can_transition(self.status, RunStatus.PAUSED):
+            raise InvalidRunState(self.id, self.status.value, "pause")
+        self._unpaused = anyio.Event()
+        await self._set_status(RunStatus.PAUSED)
+        self.events.emit(EventType.RUN_PAUSED, {})
+
+    async def resume(self) -> None:
+        if self.status is not RunStatus.PAUSED:
+            raise InvalidRunState(self.id, self.status.value, "resume")
+        await self._set_status(RunStatus.RUNNING)
+        self._unpaused.set()
+        self.events.emit(EventType.RUN_RESUMED, {})
+
+    def cancel(self) -> None:
+        if self.status.terminal:
+            raise InvalidRunState(self.id, self.status.value, "cancel")
+        self._user_cancelled = True
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    def _live_call(self, index: int, action: str) -> LiveCall:
+        call = self.calls.get(index)
+        if call is None:
+            raise AgentNotFound(self.id, index)
+        if call.status.terminal:
+            raise InvalidRunState(self.id, f"agent {index} is {call.status.value}", action)
+        return call
+
+    def stop_agent(self, index: int) -> None:
+        call = self._live_call(index, f"stop agent {index} of")
+        call.stop_requested = True
+        if call.scope is not None:
+            call.scope.cancel()
+
+    def restart_agent(self, index: int) -> None:
+        call = self._live_call(index, f"restart agent {index} of")
+        if call.status is not AgentStatus.RUNNING or call.scope is None:
+            raise InvalidRunState(self.id, f"agent {index} is {call.status.value}", f"restart agent {index} of")
+        call.restart_requested = True
+        call.scope.cancel()
+
+    # --- narration ----------------------------------------------------------------------------
+
+    def log(self, message: str, *, level: str = "info") -> None:
+        self.log_lines += 1
+        if self.log_lines > self.limits.log_lines + 1:
+            return
+        if self.log_lines == self.limits.log_lines + 1:
+            message, level = f"log truncated: more than {self.limits.log_lines} lines", "warn"
+        self.events.emit(EventType.LOG, {"message": message, "level": level})
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.events.emit(EventType.WARNING, {"message": message})
+
+    def record_failure(self, message: str) -> None:
+        if len(self.failures) < self.limits.log_lines:
+            self.failures.append(message)
+        self.log(message, level="error")
+
+    def enter_phase(self, title: str, *, group: str | None = None) -> PhaseStats:
+        if group is not None:
+            title = f"▸ {group}"
+        stats = self.phases.get(title)
+        if stats is None:
+            stats = self.phases[title] = PhaseStats(title)
+        if stats.started_at is None:
+            stats.started_at = time.time()
+            self.events.emit(EventType.PHASE_STARTED, {"title": title})
+        return stats
+
+    def _count(self, call: LiveCall, old: AgentStatus | None, new: AgentStatus) -> None:
+        counts = self.phases[call.phase].counts
+        if old is not None:
+            counts[old.value] = counts.get(old.value, 0) - 1
+        counts[new.value] = counts.get(new.value, 0) + 1
+        call.status = new
+
+    # --- agents -------------------------------------------------------------------------------
+
+    def _reject(self, name: str, message: str) -> tuple[bool, Any]:
+        return False, {"name": name, "message": message}
+
+    async def agent(self, payload: dict[str, Any], *, group: str | None = None) -> tuple[bool, Any]:
+        """Fulfil one ``agent()`` request: (True, output-or-null) or (False, error info for JS)."""
+        if self.issued >= self.options.max_agents:
+            return self._reject(
+                "WorkflowAgentCapError",
+                f"agent cap reached: this run may start at most {self.options.max_agents} agents "
+                "(raise options.max_agents)",
+            )
+        budget = self.options.budget_tokens
+        if budget is not None and self.spent >= budget:
+            return self._reject(
+                "WorkflowBudgetExceededError", f"token budget exhausted: {self.spent} of {budget} output tokens spent"
+            )
+        schema = payload.get("schema")
+        if schema is not None:
+            problem = schema_problem(schema)
+            if problem:
+                return self._reject("TypeError", f"agent() option 'schema': {problem}")
+        agent_type = payload.get("agentType")
+        if agent_type is not None and agent_type not in self.ctx.profiles:
+            names = ", ".join(sorted(self.ctx.profiles)) or "none configured"
+            return self._reject("TypeError", f"unknown agentType {agent_type!r} (available: {names})")
+        if payload.get("unknown"):
+            self.warn(f"agent() ignores unknown option(s): {', '.join(payload['unknown'])}")
+        self.issued += 1
+        if self.issued == self.limits.many_agents_warning + 1:
+            self.warn(f"this run schedules more than {self.limits.many_agents_warning} agents")
+
+        prompt = str(payload["prompt"])
+        options = {k: payload[k] for k in ("schema", "model", "effort", "agentType", "isolation", "timeout") if k in payload}
+        key = call_key(
+            prompt,
+            schema=schema,
+            model=payload.get("model"),
+            effort=payload.get("effort"),
+            agent_type=agent_type,
+            isolation=payload.get("isolation"),
+        )
+        occurrence = self._occurrences.next(key)
+        phase_title = f"▸ {group}" if group else (payload.get("phase") or NO_PHASE)
+        stats = self.enter_phase(phase_title)
+        recovered = self._recovery.lookup(key, occurrence) if self._recovery else None
+        cached = recovered or (self._plan.lookup(key, occurrence) if self._plan else None)
+        index = recovered.index if recovered else self._take_index()
+        call = LiveCall(index, key, occurrence, prompt, options, payload.get("label") or default_label(prompt),
+                        stats.title, model=self.ctx.resolve_model(payload.get("model"), self.options.model))
+        self.calls[index] = call
+        if cached is not None:
+            return True, await self._serve_cached(call, cached, same_run=recovered is not None)
+        self._count(call, None, AgentStatus.QUEUED)
+        self.events.emit(EventType.AGENT_QUEUED, call.event_data(prompt_preview=_preview(prompt)))
+        outcome = await self._run_call(call, schema)
+        return await self._settle_call(call, outcome)
+
+    def _take_index(self) -> int:
+        while self._next_index in self.calls:
+            self._next_index += 1
+        index = self._next_index
+        self._next_index += 1
+        return index
+
+    async def _serve_cached(self, call: LiveCall, source: CallRecord, *, same_run: bool) -> Any:
+        call.output = source.output
+        call.attempt = source.attempts
+        call.model = source.model or call.model
+        call.started_at, call.finished_at = source.started_at, source.finished_at
+        self._count(call, None, AgentStatus.CACHED if not same_run else AgentStatus.COMPLETED)
+        if same_run:
+            # Recovery: the tokens were spent by this very run, before the crash.
+            call.usage = Usage.from_dict(source.usage)
+            call.cost_usd = source.cost_usd
+            self._account(call)
+        else:
+            await self.ctx.store.save_call(replace(call.record(self.id), transcript=[{"cached_from": source.run_id,
+                                                                                    "index": source.index}]))
+        self.events.emit(EventType.AGENT_CACHED, call.event_data(tokens=0, result_preview=_preview(call.output),
+                                                                 recovered=same_run))
+        return call.output
+
+    async def _run_call(self, call: LiveCall, schema: Any) -> AgentOutcome | None:
+        """Queue, wait while paused, execute; None when the agent was stopped."""
+        backend = self._backend_for(call)
+        async with self._limiter:
+            while True:
+                while not self._unpaused.is_set():
+                    await self._unpaused.wait()
+                if call.stop_requested:
+                    return None
+                request = AgentRequest(
+                    run_id=self.id,
+                    index=call.index,
+                    prompt=call.prompt,
+                    label=call.label,
+                    phase=call.phase,
+                    schema=schema,
+                    model=call.model,
+                    effort=call.options.get("effort"),
+                    agent_type=call.options.get("agentType"),
+                    isolation=call.options.get("isolation"),
+                    timeout_s=min(call.options.get("timeout", 1e18) / 1000, self.options.agent_timeout_s),
+                    attempt=call.attempt,
+                    settings=self._backend_settings(),
+                )
+                self._count(call, call.status, AgentStatus.RUNNING)
+                call.started_at = time.time()
+                self.events.emit(EventType.AGENT_STARTED, call.event_data())
+                with anyio.CancelScope() as scope:
+                    call.scope = scope
+                    outcome = await self.ctx.dispatcher.execute(
+                        backend, request, on_retry=lambda attempt, error: self._on_retry(call, attempt, error)
+                    )
+                    return outcome
+                call.scope = None
+                if call.restart_requested:
+                    call.restart_requested = False
+                    call.attempt += 1
+                    self.events.emit(EventType.AGENT_RETRYING, call.event_data(reason="restarted by request"))
+                    continue
+                return None  # stopped while running
+
+    def _on_retry(self, call: LiveCall, attempt: int, error: str) -> None:
+        self.events.emit(EventType.AGENT_RETRYING, call.event_data(attempt=attempt, reason=f"invalid output: {error}"))
+
+    def _backend_for(self, call: LiveCall) -> str:
+        profile = self.ctx.profiles.get(call.options.get("agentType") or "")
+        backend = getattr(profile, "backend", None) if profile is not None else None
+        return "simulate" if self.options.dry_run else (backend or self.options.backend)
+
+    def _backend_settings(self) -> dict[str, Any]:
+        settings = dict(self.options.simulate)
+        if self.options.workspace:
+            settings["workspace"] = self.options.workspace
+        return settings
+
+    async def _settle_call(self, call: LiveCall, outcome: AgentOutcome | None) -> tuple[bool, Any]:
+        call.finished_at = time.time()
+        duration = round(call.finished_at - (call.started_at or call.finished_at), 3)
+        if outcome is None:
+            self._count(call, call.status, AgentStatus.STOPPED)
+            call.error = "stopped by request"
+            await self.ctx.store.save_call(call.record(self.id))
+            self.events.emit(EventType.AGENT_STOPPED, call.event_data(duration_s=duration))
+            return True, None
+        call.usage, call.cost_usd = outcome.usage, outcome.cost_usd
+        call.model = outcome.model or call.model
+        call.attempt = max(call.attempt, outcome.attempts)
+        call.transcript = list(outcome.transcript)
+        self._account(call)
+        tokens = {"input": outcome.usage.input_tokens, "output": outcome.usage.output_tokens}
+        if outcome.status == "completed":
+            call.output = outcome.output
+            self._count(call, call.status, AgentStatus.COMPLETED)
+            await self.ctx.store.save_call(call.record(self.id))  # durable before the script sees it
+            self.events.emit(EventType.AGENT_COMPLETED, call.event_data(
+                tokens=tokens, cost_usd=round(outcome.cost_usd, 6), duration_s=duration,
+                result_preview=_preview(outcome.output)))
+            return True, outcome.output
+        call.error = outcome.error
+        self._count(call, call.status, AgentStatus.FAILED)
+        await self.ctx.store.save_call(call.record(self.id))
+        self.events.emit(EventType.AGENT_FAILED, call.event_data(
+            tokens=tokens, duration_s=duration, error=outcome.error, reason=outcome.status))
+        if outcome.status == "structured_output_error":
+            return False, {
+                "name": "StructuredOutputError",
+                "message": f"agent {call.label!r} gave no valid structured output after {outcome.attempts} attempts: "
+                f"{outcome.error}",
+                "validationError": outcome.error,
+            }
+        return True, None
+
+    def _account(self, call: LiveCall) -> None:
+        self.usage = self.usage + call.usage
+        self.cost_usd += call.cost_usd
+        self.spent += call.usage.output_tokens
+        stats = self.phases[call.phase]
+        stats.input_tokens += call.usage.input_tokens
+        stats.output_tokens += call.usage.output_tokens
+        stats.cost_usd += call.cost_usd
+        if self.options.budget_tokens is not None and call.usage.output_tokens:
+            self.events.emit(EventType.BUDGET_UPDATED, {
+                "spent": self.spent, "total": self.options.budget_tokens,
+                "remaining": max(0, self.options.budget_tokens - self.spent)})
+
+    # --- workflow() ---------------------------------------------------------------------------
+
+    async def child_workflow(self, name: str, args: Any, has_args: bool) -> tuple[bool, Any]:
+        record = await self.ctx.load_workflow(name)
+        if record is None:
+            names = ", ".join(await self.ctx.list_workflows()) or "none saved"
+            return self._reject("Error", f"workflow({name!r}): no saved workflow with that name (available: {names})")
+        checked = check_script(record.script, require_meta=True, max_bytes=self.limits.script_bytes)
+        if not checked.ok:
+            first = checked.errors[0]
+            return self._reject("Error", f"saved workflow {name!r} does not pass checks: "
+                                         f"{first.line}:{first.column}: {first.message}")
+        self.enter_phase(name, group=name)
+        final = await self._driver(checked.body, args=args, has_args=has_args, depth=1, group=name).execute()
+        if final.failure is not None:
+            return self._reject("Error", f"workflow {name!r} failed: {final.failure.describe()}")
+        return True, final.result

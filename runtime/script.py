@@ -1,0 +1,174 @@
+"""Drives one script in its isolate: slices, the outbox, settlements, timers, deadlocks.
+
+The loop is: run a slice on the pool → handle the requests it left in the outbox (agents,
+workflows and timers become tasks; logs, phases and failure lines are recorded at once) →
+wait until at least one request settles → hand every settlement to the next slice. When the
+script awaits while nothing is in flight and no timer is pending, it can never wake up: that
+is a deadlock and the script fails with a clear message.
+
+A run's main script and a ``workflow()`` child each get a driver; both share the run (its
+agent counter, budget, concurrency limit and cancellation). Tasks the script started but
+never awaited are cancelled when the script ends.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from sandbox import Isolate, Request, ScriptFailure, Slice, SlicePool
+
+if TYPE_CHECKING:
+    from .run import Run
+
+__all__ = ["ScriptDriver"]
+
+MAX_PENDING_TIMERS = 10_000
+
+
+class ScriptDriver:
+    def __init__(
+        self,
+        run: Run,
+        pool: SlicePool,
+        isolate: Isolate,
+        body: str,
+        *,
+        args: Any,
+        has_args: bool,
+        depth: int = 0,
+        group: str | None = None,
+    ) -> None:
+        self.run = run
+        self.group = group
+        self._pool = pool
+        self._isolate = isolate
+        self._body = body
+        self._config = {
+            "maxAgents": run.options.max_agents,
+            "maxItems": run.limits.max_items,
+            "maxLogLines": run.limits.log_lines,
+            "depth": depth,
+            "budgetTotal": run.options.budget_tokens,
+            "hasArgs": has_args,
+            "args": args if has_args else None,
+            "state": run.js_state(),
+        }
+        self._inbox: list[tuple[int, bool, Any]] = []
+        self._inbox_changed = anyio.Event()
+        self._outstanding = 0
+        self._timers: dict[int, float] = {}  # id -> deadline
+        self._timer_heap: list[tuple[float, int]] = []
+        self._timers_changed = anyio.Event()
+        self._failure: ScriptFailure | None = None
+        self._tg: TaskGroup | None = None
+
+    async def execute(self) -> Slice:
+        """Run the script to its end; the final slice holds the result or the failure."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._timer_loop)
+                final = await self._drive()
+                tg.cancel_scope.cancel()
+            return final
+        finally:
+            self._isolate.close()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def _drive(self) -> Slice:
+        current = await self._pool.run(partial(self._isolate.start, self._body, self._config))
+        while True:
+            self._handle(current.requests)
+            if current.finished:
+                return current
+            if self._failure is not None:
+                return Slice(requests=(), finished=True, failure=self._failure)
+            if self._outstanding == 0 and not self._inbox:
+                return Slice(
+                    requests=(),
+                    finished=True,
+                    failure=ScriptFailure(
+                        "deadlock",
+                        "Deadlock",
+                        "the script is waiting for a promise that can never settle: no agent, workflow or "
+                        "timer is in flight (a Promise that is never resolved?)",
+                    ),
+                )
+            while not self._inbox:
+                changed = self._inbox_changed
+                await changed.wait()
+            batch, self._inbox = self._inbox, []
+            current = await self._pool.run(partial(self._isolate.settle, batch, self.run.js_state()))
+
+    def _deliver(self, request_id: int, ok: bool, value: Any) -> None:
+        self._outstanding -= 1
+        self._inbox.append((request_id, ok, value))
+        self._inbox_changed.set()
+        self._inbox_changed = anyio.Event()
+
+    def _handle(self, requests: Sequence[Request]) -> None:
+        assert self._tg is not None
+        for request in requests:
+            kind, payload = request.kind, request.payload
+            if kind == "agent":
+                self._outstanding += 1
+                self._tg.start_soon(self._agent, request.id, payload)
+            elif kind == "workflow":
+                self._outstanding += 1
+                self._tg.start_soon(self._workflow, request.id, payload)
+            elif kind == "timer":
+                self._add_timer(request.id, float(payload.get("ms", 0)))
+            elif kind == "clear_timer":
+                if self._timers.pop(request.id, None) is not None:
+                    self._outstanding -= 1
+            elif kind == "log":
+                self.run.log(str(payload.get("message", "")), level=str(payload.get("level", "info")))
+            elif kind == "phase":
+                self.run.enter_phase(str(payload.get("title", "")), group=self.group)
+            elif kind == "failure":
+                self.run.record_failure(str(payload.get("message", "")))
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def _agent(self, request_id: int, payload: dict[str, Any]) -> None:
+        ok, value = await self.run.agent(payload, group=self.group)
+        self._deliver(request_id, ok, value)
+
+    async def _workflow(self, request_id: int, payload: dict[str, Any]) -> None:
+        ok, value = await self.run.child_workflow(str(payload["name"]), payload.get("args"), "args" in payload)
+        self._deliver(request_id, ok, value)
+
+    # --- timers -----------------------------------------------------------------------------
+
+    def _add_timer(self, timer_id: int, ms: float) -> None:
+        if len(self._timers) >= MAX_PENDING_TIMERS:
+            self._failure = ScriptFailure(
+                "limit", "timers", f"more than {MAX_PENDING_TIMERS} setTimeout() timers pending at once"
+            )
+            return
+        deadline = anyio.current_time() + max(0.0, ms) / 1000
+        self._outstanding += 1
+        self._timers[timer_id] = deadline
+        heapq.heappush(self._timer_heap, (deadline, timer_id))
+        self._timers_changed.set()
+        self._timers_changed = anyio.Event()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            changed = self._timers_changed
+            now = anyio.current_time()
+            while self._timer_heap and self._timer_heap[0][0] <= now:
+                _, timer_id = heapq.heappop(self._timer_heap)
+                if self._timers.pop(timer_id, None) is not None:  # else cleared meanwhile
+                    self._deliver(timer_id, True, None)
+            wait = self._timer_heap[0][0] - now if self._timer_heap else math.inf
+            with anyio.move_on_after(wait):
+                await changed.wait()

@@ -1,0 +1,66 @@
+"""What the runtime needs from a store. SQLite (embedded) fills it; PostgreSQL can later.
+
+Ordering and durability contract:
+- ``append_events`` does not block: events are queued in order and committed soon after.
+- Every awaited write (``save_run``, ``save_call``, workflow writes) returns only once it and
+  everything queued before it (events included) is committed. So an agent's result is durable
+  before the script sees it, and the events describing it are at least as durable.
+- Reads see every write that returned before the read began.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ._records import CallRecord, EventRecord, RunRecord, WorkflowRecord
+
+__all__ = ["Store"]
+
+
+class Store(Protocol):
+    async def save_run(self, run: RunRecord) -> None:
+        """Insert or replace the run with ``run.id``."""
+
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    async def list_runs(
+        self,
+        *,
+        owner: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[RunRecord]:
+        """Newest first. ``owner=None`` lists every owner's runs; ``before`` is a run id cursor."""
+
+    async def find_run_by_idempotency_key(self, owner: str, key: str) -> RunRecord | None: ...
+
+    async def runs_with_status(self, statuses: Sequence[str]) -> list[RunRecord]:
+        """For crash recovery: every run in one of ``statuses``, oldest first."""
+
+    async def save_call(self, call: CallRecord) -> None:
+        """Insert or replace the call ``(call.run_id, call.index)``."""
+
+    async def list_calls(self, run_id: str) -> list[CallRecord]:
+        """In index order."""
+
+    async def get_call(self, run_id: str, index: int) -> CallRecord | None: ...
+
+    def append_events(self, events: Sequence[EventRecord]) -> None:
+        """Queue events for commit, in order. Never blocks the caller."""
+
+    async def read_events(self, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[EventRecord]:
+        """Events with ``seq > after_seq``, in order."""
+
+    async def save_workflow(self, workflow: WorkflowRecord) -> None: ...
+
+    async def get_workflow(self, name: str) -> WorkflowRecord | None: ...
+
+    async def list_workflows(self) -> list[WorkflowRecord]: ...
+
+    async def delete_workflow(self, name: str) -> bool:
+        """True when a workflow was deleted."""
+
+    async def aclose(self) -> None:
+        """Commit everything queued, then release resources."""

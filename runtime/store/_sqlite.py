@@ -1,0 +1,606 @@
+"""The embedded durable store: one SQLite file in WAL mode, one writer thread, group commit.
+
+Concurrency design
+------------------
+* **One writer.** The store owns exactly one writer thread and one write connection. Every write
+  (``append_events``, ``save_run``, ``save_call``, workflow writes) becomes a ``_Write`` on a FIFO
+  ``queue.Queue``. The writer takes the first queued write plus everything else queued at that
+  moment and runs the whole group in ONE ``BEGIN IMMEDIATE … COMMIT`` (group commit): a thousand
+  agents' events and journal entries cost a handful of commits, not thousands.
+* **Completion.** ``append_events`` only enqueues and returns. Awaited writes enqueue with an asyncio
+  future and wait for it; the writer resolves the futures of a group (one
+  ``loop.call_soon_threadsafe`` per group) only after the COMMIT that included them. Because the
+  queue is FIFO, an awaited write returning also means every write queued before it (events
+  included) has been committed.
+* **Errors.** If one write of a group fails, the group is rolled back and replayed one write per
+  transaction, so only the faulty write fails; its awaiting caller gets the exception. A failing
+  ``append_events`` batch has no caller left to tell: it is logged and counted in
+  :meth:`SQLiteStore.statistics`. If BEGIN or COMMIT itself fails, every caller of the group gets
+  the error. The writer keeps running either way.
+* **Encoding on the caller.** Records are encoded to JSON when a write is queued, so an
+  unencodable value raises at the call site and later mutation of a dict cannot change what is
+  stored.
+* **Reads** run in worker threads (``anyio.to_thread.run_sync``) on a small pool of read-only
+  connections, bounded by a ``CapacityLimiter``. WAL lets them proceed while the writer commits,
+  and each read starts after the commits of every write that already returned, so it sees them.
+  No SQLite call ever runs on the event loop thread.
+* **Lifetime.** ``open`` creates the file, enables WAL and applies the named migrations (in a worker
+  thread), then starts the writer. ``aclose`` stops accepting writes, lets the writer commit what is
+  queued, joins it and closes every connection. Awaited writes need the asyncio backend (they
+  resolve an asyncio future), which is what the service runs on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
+
+import anyio
+
+from ..errors import ConfigError, Conflict
+from ._migrations import apply_migrations
+from ._records import CallRecord, EventRecord, RunRecord, WorkflowRecord
+
+if TYPE_CHECKING:
+    from ._protocol import Store
+
+__all__ = ["SQLiteStore", "StoreStatistics"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_Row = tuple[Any, ...]
+_Outcome = tuple["_Write", int, BaseException | None]
+
+# How long a connection waits for a lock held by another process using the same file
+# (a second ``quickflow`` pointed at the same data directory) before failing.
+_BUSY_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class StoreStatistics:
+    """A snapshot of the writer's work since ``open``."""
+
+    queued: int  # writes waiting for the writer right now
+    groups_committed: int  # transactions committed by the writer
+    writes_committed: int  # queued writes (an ``append_events`` batch counts as one) committed
+    events_committed: int
+    write_errors: int  # writes that failed (their caller, if any, got the exception)
+    events_dropped: int  # events in failed ``append_events`` batches (logged; nobody awaited them)
+
+
+@dataclass(slots=True)
+class _Write:
+    """One queued write: ``sql`` run once with ``params``, or once per row of ``rows``."""
+
+    sql: str
+    what: str  # for log messages
+    params: tuple[Any, ...] = ()
+    rows: list[_Row] | None = None
+    waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[int]] | None = None
+
+    def run(self, conn: sqlite3.Connection) -> int:
+        cursor = conn.execute(self.sql, self.params) if self.rows is None else conn.executemany(self.sql, self.rows)
+        return cursor.rowcount
+
+
+class _WriteFailed(Exception):
+    """Internal: a write (not BEGIN/COMMIT) failed inside a transaction; ``error`` is why."""
+
+    def __init__(self, write: _Write, error: Exception) -> None:
+        super().__init__(write.what)
+        self.error = error
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text)
+
+
+def _upsert(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+    # ``INSERT OR REPLACE`` would silently delete a *different* row that collides on another
+    # unique index (runs' idempotency key); an upsert on the primary key raises instead.
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
+    )
+
+
+_RUN_COLUMNS = (
+    "id", "owner", "status", "script", "args", "has_args", "options", "workflow", "resume_from",
+    "resume_mode", "idempotency_key", "created_at", "started_at", "finished_at", "result", "error",
+    "usage", "node",
+)  # fmt: skip
+_CALL_COLUMNS = (
+    "run_id", "idx", "key", "occurrence", "status", "prompt", "options", "label", "phase", "output",
+    "usage", "cost_usd", "model", "attempts", "queued_at", "started_at", "finished_at", "error",
+    "transcript",
+)  # fmt: skip
+_EVENT_COLUMNS = ("run_id", "seq", "ts", "type", "data")
+_WORKFLOW_COLUMNS = ("name", "script", "meta", "owner", "source", "updated_at")
+
+_SAVE_RUN = _upsert("runs", _RUN_COLUMNS, ("id",))
+_SAVE_CALL = _upsert("calls", _CALL_COLUMNS, ("run_id", "idx"))
+_INSERT_EVENT = f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"
+_SAVE_WORKFLOW = _upsert("workflows", _WORKFLOW_COLUMNS, ("name",))
+_DELETE_WORKFLOW = "DELETE FROM workflows WHERE name = ?"
+
+_SELECT_RUN = f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs"
+_SELECT_CALL = f"SELECT {', '.join(_CALL_COLUMNS)} FROM calls"
+_SELECT_EVENT = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events"
+_SELECT_WORKFLOW = f"SELECT {', '.join(_WORKFLOW_COLUMNS)} FROM workflows"
+
+
+def _run_params(r: RunRecord) -> _Row:
+    return (
+        r.id, r.owner, r.status, r.script, _dumps(r.args), int(r.has_args), _dumps(r.options), r.workflow,
+        r.resume_from, r.resume_mode, r.idempotency_key, r.created_at, r.started_at, r.finished_at,
+        _dumps(r.result), _dumps(r.error), _dumps(r.usage), r.node,
+    )  # fmt: skip
+
+
+def _run_from_row(row: _Row) -> RunRecord:
+    return RunRecord(
+        id=row[0], owner=row[1], status=row[2], script=row[3], args=_loads(row[4]), has_args=bool(row[5]),
+        options=_loads(row[6]), workflow=row[7], resume_from=row[8], resume_mode=row[9],
+        idempotency_key=row[10], created_at=row[11], started_at=row[12], finished_at=row[13],
+        result=_loads(row[14]), error=_loads(row[15]), usage=_loads(row[16]), node=row[17],
+    )  # fmt: skip
+
+
+def _call_params(c: CallRecord) -> _Row:
+    return (
+        c.run_id, c.index, c.key, c.occurrence, c.status, c.prompt, _dumps(c.options), c.label, c.phase,
+        _dumps(c.output), _dumps(c.usage), c.cost_usd, c.model, c.attempts, c.queued_at, c.started_at,
+        c.finished_at, c.error, _dumps(c.transcript),
+    )  # fmt: skip
+
+
+def _call_from_row(row: _Row) -> CallRecord:
+    return CallRecord(
+        run_id=row[0], index=row[1], key=row[2], occurrence=row[3], status=row[4], prompt=row[5],
+        options=_loads(row[6]), label=row[7], phase=row[8], output=_loads(row[9]), usage=_loads(row[10]),
+        cost_usd=row[11], model=row[12], attempts=row[13], queued_at=row[14], started_at=row[15],
+        finished_at=row[16], error=row[17], transcript=_loads(row[18]),
+    )  # fmt: skip
+
+
+def _event_params(e: EventRecord) -> _Row:
+    return (e.run_id, e.seq, e.ts, e.type, _dumps(e.data))
+
+
+def _event_from_row(row: _Row) -> EventRecord:
+    return EventRecord(run_id=row[0], seq=row[1], ts=row[2], type=row[3], data=_loads(row[4]))
+
+
+def _workflow_params(w: WorkflowRecord) -> _Row:
+    return (w.name, w.script, _dumps(w.meta), w.owner, w.source, w.updated_at)
+
+
+def _workflow_from_row(row: _Row) -> WorkflowRecord:
+    return WorkflowRecord(
+        name=row[0], script=row[1], meta=_loads(row[2]), owner=row[3], source=row[4], updated_at=row[5]
+    )
+
+
+def _fetch(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[_Row]:
+    # Always fetch to the end: a half-read cursor keeps its read transaction open, which would
+    # pin an old snapshot on this pooled connection and hold back WAL checkpoints.
+    return conn.execute(sql, params).fetchall()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            logger.exception("store: ROLLBACK failed")
+
+
+def _copy_error(exc: BaseException) -> BaseException:
+    # Each awaiting task raises its own instance, so tracebacks do not pile up on a shared one.
+    try:
+        return copy.copy(exc)
+    except Exception:
+        return exc
+
+
+def _settle(items: list[tuple[asyncio.Future[int], int, BaseException | None]]) -> None:
+    """Runs on the event loop: hand each waiter its result."""
+    for future, result, error in items:
+        if future.done():  # the caller was cancelled; the write happened anyway
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
+    # ``isolation_level=None``: the sqlite3 module opens no implicit transactions; the writer
+    # issues BEGIN IMMEDIATE / COMMIT itself. ``check_same_thread=False``: a connection is
+    # created in one worker thread and used in another, never by two threads at once.
+    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    if query_only:
+        conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+def _open_writer(path: Path, synchronous: str) -> tuple[sqlite3.Connection, list[str]]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = _connect(path, query_only=False)
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
+        if str(mode).lower() != "wal":
+            raise ConfigError(f"cannot enable WAL on {path} (journal_mode is {mode!r}); use a local disk")
+        # WAL + synchronous=NORMAL: a COMMIT has written its frames to the WAL file (the OS has
+        # them) before it returns, but is not fsync'ed. So every committed transaction survives a
+        # crash or SIGKILL of this process; an OS crash or power loss can lose the last commits
+        # (the database stays consistent). ``synchronous="FULL"`` fsyncs each group commit.
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        applied = apply_migrations(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn, applied
+
+
+class SQLiteStore:
+    """The ``Store`` over one SQLite file. Create with :meth:`open`, release with :meth:`aclose`."""
+
+    def __init__(
+        self, path: Path, writer: sqlite3.Connection, applied_migrations: Sequence[str], readers: int
+    ) -> None:
+        """Private: use :meth:`open`."""
+        self._path = path
+        self._writer_conn = writer
+        self._applied_migrations = tuple(applied_migrations)
+        self._queue: queue.Queue[_Write | None] = queue.Queue()
+        # Guards ``_closing``, ``_writer_alive`` against enqueues, and the idle reader pool.
+        self._lock = threading.Lock()
+        self._closing = False
+        self._writer_alive = True
+        self._closed = anyio.Event()
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._read_limiter = anyio.CapacityLimiter(readers)
+        self._groups = 0
+        self._writes = 0
+        self._events = 0
+        self._write_errors = 0
+        self._events_dropped = 0
+        # Owned by this store: started here, joined by ``aclose``. Daemon only so that a store
+        # someone forgot to close cannot hang interpreter exit (it would lose nothing awaited).
+        self._thread = threading.Thread(target=self._writer_main, name="quickflow-store-writer", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    async def open(
+        cls, path: Path, *, synchronous: Literal["NORMAL", "FULL"] = "NORMAL", readers: int = 4
+    ) -> SQLiteStore:
+        """Open (creating if needed) the database at ``path`` and apply pending migrations.
+
+        ``readers`` bounds concurrent reads (and read connections).
+        """
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
+        path = Path(path)
+        # Shielded: the worker thread finishes regardless, and a cancellation arriving meanwhile
+        # would drop the connection it returns without closing it. Bounded by the busy timeout.
+        with anyio.CancelScope(shield=True):
+            writer, applied = await anyio.to_thread.run_sync(_open_writer, path, synchronous)
+        return cls(path, writer, applied, readers)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def applied_migrations(self) -> tuple[str, ...]:
+        """The migrations this ``open`` applied (empty when the database was already current)."""
+        return self._applied_migrations
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            queued=self._queue.qsize(),
+            groups_committed=self._groups,
+            writes_committed=self._writes,
+            events_committed=self._events,
+            write_errors=self._write_errors,
+            events_dropped=self._events_dropped,
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def _enqueue(self, write: _Write) -> None:
+        with self._lock:
+            if self._closing:
+                raise RuntimeError(f"the store {self._path} is closed")
+            if not self._writer_alive:
+                raise RuntimeError(f"the writer of the store {self._path} has stopped; see the log")
+            self._queue.put(write)
+
+    async def _write(self, sql: str, params: _Row, what: str) -> int:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._enqueue(_Write(sql, what, params=params, waiter=(loop, future)))
+        # If this task is cancelled here the write still happens; only the wait is abandoned.
+        return await future
+
+    async def save_run(self, run: RunRecord) -> None:
+        try:
+            await self._write(_SAVE_RUN, _run_params(run), f"run {run.id}")
+        except sqlite3.IntegrityError as exc:
+            if run.idempotency_key is not None and "idempotency_key" in str(exc):
+                raise Conflict(
+                    f"owner {run.owner!r} already has a run with idempotency key {run.idempotency_key!r}; "
+                    "look it up with that key instead of creating another",
+                    details={"run_id": run.id, "owner": run.owner, "idempotency_key": run.idempotency_key},
+                ) from exc
+            raise
+
+    async def save_call(self, call: CallRecord) -> None:
+        await self._write(_SAVE_CALL, _call_params(call), f"call {call.run_id}#{call.index}")
+
+    def append_events(self, events: Sequence[EventRecord]) -> None:
+        rows = [_event_params(e) for e in events]
+        if not rows:
+            return
+        run_ids = sorted({row[0] for row in rows})
+        self._enqueue(_Write(_INSERT_EVENT, f"{len(rows)} events of run(s) {', '.join(run_ids)}", rows=rows))
+
+    async def save_workflow(self, workflow: WorkflowRecord) -> None:
+        await self._write(_SAVE_WORKFLOW, _workflow_params(workflow), f"workflow {workflow.name}")
+
+    async def delete_workflow(self, name: str) -> bool:
+        return await self._write(_DELETE_WORKFLOW, (name,), f"delete workflow {name}") > 0
+
+    # -- the writer thread --------------------------------------------------------------------
+
+    def _writer_main(self) -> None:
+        conn = self._writer_conn
+        group: list[_Write] = []
+        try:
+            stopping = False
+            while not stopping:
+                item: _Write | None = self._queue.get()
+                group = []
+                while True:  # everything queued right now joins this group
+                    if item is None:
+                        stopping = True
+                    else:
+                        group.append(item)
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if group:
+                    self._finish(self._commit_group(conn, group))
+                    group = []
+        except BaseException as exc:
+            # A bug in the writer itself: fail whoever waits instead of leaving them hanging.
+            logger.critical("store: the writer thread of %s died", self._path, exc_info=True)
+            with self._lock:
+                self._writer_alive = False
+            pending = group + self._drain()
+            self._finish([(w, 0, _copy_error(exc)) for w in pending])
+            raise
+        finally:
+            conn.close()
+
+    def _drain(self) -> list[_Write]:
+        writes: list[_Write] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return writes
+            if item is not None:
+                writes.append(item)
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Write]) -> list[_Outcome]:
+        try:
+            results = self._transaction(conn, group)
+        except _WriteFailed:
+            # Roll back and replay one write per transaction so only the faulty one fails.
+            return [self._commit_alone(conn, w) for w in group]
+        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the group was written
+            logger.error("store: committing %d writes to %s failed: %s", len(group), self._path, exc)
+            return [(w, 0, _copy_error(exc)) for w in group]
+        self._groups += 1
+        return [(w, r, None) for w, r in zip(group, results)]
+
+    def _commit_alone(self, conn: sqlite3.Connection, write: _Write) -> _Outcome:
+        try:
+            (result,) = self._transaction(conn, [write])
+        except _WriteFailed as failed:
+            return (write, 0, failed.error)
+        except Exception as exc:
+            return (write, 0, exc)
+        self._groups += 1
+        return (write, result, None)
+
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[int]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results: list[int] = []
+            for write in writes:
+                try:
+                    results.append(write.run(conn))
+                except Exception as exc:
+                    raise _WriteFailed(write, exc) from exc
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        return results
+
+    def _finish(self, outcomes: list[_Outcome]) -> None:
+        """Count the outcomes, log failed event batches, and wake the waiters (one call per loop)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int, BaseException | None]]] = {}
+        for write, result, error in outcomes:
+            events = len(write.rows) if write.rows is not None else 0
+            if error is None:
+                self._writes += 1
+                self._events += events
+            else:
+                self._write_errors += 1
+                if write.waiter is None:
+                    self._events_dropped += events
+                    logger.error("store: dropped %s: %s", write.what, error)
+            if write.waiter is not None:
+                loop, future = write.waiter
+                by_loop.setdefault(loop, []).append((future, result, error))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                pass
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def _checkout(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._closing:
+                raise RuntimeError(f"the store {self._path} is closed")
+            if self._idle_readers:
+                return self._idle_readers.pop()
+        return _connect(self._path, query_only=True)
+
+    def _checkin(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if not self._closing:
+                self._idle_readers.append(conn)
+                return
+        conn.close()
+
+    def _read_blocking(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._checkout()
+        try:
+            return query(conn)
+        finally:
+            _rollback(conn)  # a failed query must not leave a snapshot open on a pooled connection
+            self._checkin(conn)
+
+    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closing:
+            raise RuntimeError(f"the store {self._path} is closed")
+        return await anyio.to_thread.run_sync(self._read_blocking, query, limiter=self._read_limiter)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        rows = await self._read(lambda c: _fetch(c, f"{_SELECT_RUN} WHERE id = ?", (run_id,)))
+        return _run_from_row(rows[0]) if rows else None
+
+    async def list_runs(
+        self, *, owner: str | None = None, status: str | None = None, limit: int = 50, before: str | None = None
+    ) -> list[RunRecord]:
+        def query(conn: sqlite3.Connection) -> list[_Row]:
+            clauses: list[str] = []
+            params: list[Any] = []
+            if owner is not None:
+                clauses.append("owner = ?")
+                params.append(owner)
+            if status is not None:
+                clauses.append("status = ?")
+                params.append(status)
+            # One read transaction: the cursor row and the page come from the same snapshot.
+            conn.execute("BEGIN")
+            if before is not None:
+                cursor = _fetch(conn, "SELECT created_at, id FROM runs WHERE id = ?", (before,))
+                if cursor:  # an unknown cursor is ignored, as in MemoryStore
+                    clauses.append("(created_at, id) < (?, ?)")
+                    params.extend(cursor[0])
+            where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+            rows = _fetch(conn, f"{_SELECT_RUN}{where} ORDER BY created_at DESC, id DESC LIMIT ?", (*params, limit))
+            conn.execute("COMMIT")
+            return rows
+
+        return [_run_from_row(row) for row in await self._read(query)]
+
+    async def find_run_by_idempotency_key(self, owner: str, key: str) -> RunRecord | None:
+        sql = f"{_SELECT_RUN} WHERE owner = ? AND idempotency_key = ?"
+        rows = await self._read(lambda c: _fetch(c, sql, (owner, key)))
+        return _run_from_row(rows[0]) if rows else None
+
+    async def runs_with_status(self, statuses: Sequence[str]) -> list[RunRecord]:
+        wanted = list(dict.fromkeys(statuses))
+        if not wanted:
+            return []
+        sql = f"{_SELECT_RUN} WHERE status IN ({', '.join('?' * len(wanted))}) ORDER BY created_at, id"
+        return [_run_from_row(row) for row in await self._read(lambda c: _fetch(c, sql, wanted))]
+
+    async def list_calls(self, run_id: str) -> list[CallRecord]:
+        sql = f"{_SELECT_CALL} WHERE run_id = ? ORDER BY idx"
+        return [_call_from_row(row) for row in await self._read(lambda c: _fetch(c, sql, (run_id,)))]
+
+    async def get_call(self, run_id: str, index: int) -> CallRecord | None:
+        sql = f"{_SELECT_CALL} WHERE run_id = ? AND idx = ?"
+        rows = await self._read(lambda c: _fetch(c, sql, (run_id, index)))
+        return _call_from_row(rows[0]) if rows else None
+
+    async def read_events(self, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[EventRecord]:
+        sql = f"{_SELECT_EVENT} WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        params = (run_id, after_seq, -1 if limit is None else limit)  # LIMIT -1: no limit
+        return [_event_from_row(row) for row in await self._read(lambda c: _fetch(c, sql, params))]
+
+    async def get_workflow(self, name: str) -> WorkflowRecord | None:
+        rows = await self._read(lambda c: _fetch(c, f"{_SELECT_WORKFLOW} WHERE name = ?", (name,)))
+        return _workflow_from_row(rows[0]) if rows else None
+
+    async def list_workflows(self) -> list[WorkflowRecord]:
+        rows = await self._read(lambda c: _fetch(c, f"{_SELECT_WORKFLOW} ORDER BY name"))
+        return [_workflow_from_row(row) for row in rows]
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def _shutdown_blocking(self) -> None:
+        self._thread.join()  # the writer commits everything queued before the stop marker
+        with self._lock:
+            idle, self._idle_readers = self._idle_readers, []
+        for conn in idle:
+            conn.close()
+
+    async def aclose(self) -> None:
+        """Commit everything queued, stop the writer thread, close every connection. Idempotent."""
+        with self._lock:
+            first = not self._closing
+            if first:
+                self._closing = True
+                self._queue.put(None)  # the stop marker: after every write already queued
+        if not first:
+            await self._closed.wait()
+            return
+        try:
+            # Shielded: a cancelled caller must not leave the writer running or writes unflushed.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._shutdown_blocking)
+        finally:
+            self._closed.set()
+
+
+if TYPE_CHECKING:
+
+    def _conforms(store: SQLiteStore) -> Store:
+        return store

@@ -1,0 +1,26 @@
+"""The isolate: the only package that imports ``quickjs``.
+
+- :func:`check_script` runs the static checks of a script before any run is accepted.
+- :class:`Isolate` is one hardened QuickJS context per run, driven slice by slice through a
+  data-only outbox; :class:`SlicePool` runs slices on worker threads.
+"""
+
+from ._checks import CheckResult, PhaseSpec, ScriptMeta, check_script
+from ._isolate import Isolate, IsolateLimits, Request, ScriptFailure, Slice
+from ._pool import SlicePool, SlicePoolStatistics
+from ._source import Diagnostic
+
+__all__ = [
+    "CheckResult",
+    "Diagnostic",
+    "Isolate",
+    "IsolateLimits",
+    "PhaseSpec",
+    "Request",
+    "ScriptFailure",
+    "ScriptMeta",
+    "Slice",
+    "SlicePool",
+    "SlicePoolStatistics",
+    "check_script",
+]

@@ -1,0 +1,272 @@
+"""One QuickJS context per run, driven slice by slice.
+
+An :class:`Isolate` is synchronous and blocking: the pool runs its methods on a worker thread
+(quickjs-ng releases the GIL while JS runs). A *slice* is one call into the engine followed by
+a drain of its job queue; it ends by reading the outbox. The host never hands JS a Python
+callable: it calls three JS functions it took from the prelude (``start``, ``settle``,
+``take``) and exchanges JSON strings with them.
+
+Invariants:
+- At most one slice of an isolate runs at a time (the run awaits each slice before the next).
+- A slice never runs longer than ``slice_cpu_s`` (the engine's interrupt handler stops a busy
+  call; the drain loop stops a flood of short jobs), and the isolate's total CPU is capped by
+  ``run_cpu_s``, accounted here with the thread's CPU clock.
+- After a limit is hit the context is dropped: a context that ran out of memory is not trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import quickjs
+
+import js_stdlib
+
+from ._source import to_user_position, wrap_body
+
+__all__ = ["Isolate", "IsolateLimits", "Request", "ScriptFailure", "Slice"]
+
+
+@dataclass(frozen=True)
+class IsolateLimits:
+    heap_bytes: int = 64 * 1024 * 1024
+    stack_bytes: int = 1024 * 1024
+    slice_cpu_s: float = 1.0
+    run_cpu_s: float = 60.0
+    result_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ScriptFailure:
+    """Why a script stopped without a result. ``kind`` is ``error`` (an uncaught exception),
+    ``limit`` (``name`` says which) or ``deadlock``."""
+
+    kind: str
+    name: str
+    message: str
+    line: int | None = None
+    column: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind, "name": self.name, "message": self.message}
+        if self.line is not None:
+            data["line"] = self.line
+            data["column"] = self.column
+        return data
+
+    def describe(self) -> str:
+        where = f" (line {self.line}, column {self.column})" if self.line is not None else ""
+        prefix = f"{self.name}: " if self.kind == "error" else ""
+        return f"{prefix}{self.message}{where}"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One entry of the outbox: ``kind`` is agent, workflow, timer, clear_timer, log, phase or failure."""
+
+    kind: str
+    id: int
+    payload: Any
+
+
+@dataclass(frozen=True)
+class Slice:
+    requests: tuple[Request, ...]
+    finished: bool = False
+    result: Any = None
+    failure: ScriptFailure | None = None
+    cpu_s: float = 0.0
+
+
+# Stack frames look like "    at name (<input>:12:5)". Frames of the prelude and hardening are
+# named (public globals or qf$…); the first other frame is the user's.
+_FRAME = re.compile(r"^\s*at (\S+) \(<input>:(\d+):(\d+)\)", re.MULTILINE)
+_PRELUDE_FRAMES = frozenset(
+    {
+        "agent", "parallel", "pipeline", "phase", "log", "workflow", "setTimeout", "clearTimeout",
+        "take", "settle", "start", "info", "debug", "warn", "error", "spent", "remaining",
+        "Date", "now", "random", "Function", "WorkflowAgentCapError", "WorkflowBudgetExceededError",
+        "StructuredOutputError",
+    }
+)
+
+
+def user_position(stack: str) -> tuple[int, int] | None:
+    """The user's line and column from an engine stack, skipping prelude frames."""
+    for name, line, column in _FRAME.findall(stack):
+        if name.startswith("qf$") or name in _PRELUDE_FRAMES:
+            continue
+        return to_user_position(int(line), int(column))
+    return None
+
+
+class _LimitHit(Exception):
+    def __init__(self, failure: ScriptFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class Isolate:
+    def __init__(self, limits: IsolateLimits = IsolateLimits()) -> None:
+        self.limits = limits
+        self.cpu_s = 0.0
+        self._lock = threading.Lock()
+        self._ctx: Any = None
+        self._take: Any = None
+        self._settle: Any = None
+        self._start: Any = None
+        self._finished = False
+
+    @property
+    def closed(self) -> bool:
+        return self._ctx is None
+
+    def start(self, body: str, config: Mapping[str, Any]) -> Slice:
+        """Create the context, harden it, install the prelude, compile and start the script.
+
+        ``body`` is the checked source (``CheckResult.body``); ``config`` carries the limits the
+        prelude enforces (maxAgents, maxItems, maxLogLines, depth, budgetTotal) and the args.
+        """
+        return self._slice(lambda: self._boot(body, config))
+
+    def settle(self, results: Sequence[tuple[int, bool, Any]], state: Mapping[str, Any]) -> Slice:
+        """Resolve or reject pending promises (and fire timers), then run until the queue is empty."""
+        batch = json.dumps({"results": results, "state": dict(state)}, separators=(",", ":"))
+        return self._slice(lambda: self._settle(batch))
+
+    def memory_bytes(self) -> int:
+        if self._ctx is None:
+            return 0
+        with self._lock:
+            return int(self._ctx.memory()["memory_used_size"])
+
+    def close(self) -> None:
+        """Drop the context. The run stops being driven; nothing of it runs again."""
+        self._ctx = self._take = self._settle = self._start = None
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _boot(self, body: str, config: Mapping[str, Any]) -> None:
+        ctx = quickjs.Context()
+        ctx.set_memory_limit(self.limits.heap_bytes)
+        ctx.set_max_stack_size(self.limits.stack_bytes)
+        ctx.set_time_limit(self.limits.slice_cpu_s)
+        ctx.eval(js_stdlib.hardening())
+        ctx.eval(js_stdlib.prelude())
+        self._take = ctx.eval("__quickflow_host.take")
+        self._settle = ctx.eval("__quickflow_host.settle")
+        self._start = ctx.eval("__quickflow_host.start")
+        ctx.eval("delete globalThis.__quickflow_host")
+        self._ctx = ctx
+        main = ctx.eval(wrap_body(body))
+        self._start(main, json.dumps(dict(config), separators=(",", ":")))
+
+    def _slice(self, step: Any) -> Slice:
+        if self._finished:
+            return Slice(requests=(), finished=True)
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("an isolate runs one slice at a time")
+        started = time.perf_counter()
+        cpu_started = time.thread_time()
+        try:
+            try:
+                step()
+                self._drain(started)
+                if self.cpu_s + (time.thread_time() - cpu_started) > self.limits.run_cpu_s:
+                    raise _LimitHit(
+                        ScriptFailure(
+                            "limit",
+                            "cpu_budget",
+                            f"script exceeded its CPU budget of {self.limits.run_cpu_s:g} s for the whole run",
+                        )
+                    )
+                return self._collect(time.thread_time() - cpu_started)
+            except _LimitHit as hit:
+                return self._fail(hit.failure, time.thread_time() - cpu_started)
+            except quickjs.JSException as exc:
+                return self._fail(self._engine_failure(str(exc)), time.thread_time() - cpu_started)
+        finally:
+            self._lock.release()
+
+    def _drain(self, started: float) -> None:
+        ctx = self._ctx
+        if ctx is None:
+            return
+        limit = self.limits.slice_cpu_s
+        while ctx.execute_pending_job():
+            # The engine's interrupt handler bounds one job; this bounds a flood of short ones.
+            if time.perf_counter() - started > limit:
+                raise _LimitHit(self._slice_failure())
+
+    def _collect(self, cpu_s: float) -> Slice:
+        self.cpu_s += cpu_s
+        raw = json.loads(self._take())
+        requests = tuple(Request(kind, rid, payload) for kind, rid, payload in raw["out"])
+        done = raw["done"]
+        if done is None:
+            return Slice(requests=requests, cpu_s=cpu_s)
+        self._finished = True
+        if done["ok"]:
+            text: str = done["json"]
+            if len(text.encode()) > self.limits.result_bytes:
+                failure = ScriptFailure(
+                    "limit",
+                    "result_size",
+                    f"the return value is {len(text.encode())} bytes of JSON; the limit is "
+                    f"{self.limits.result_bytes} bytes: return a summary and keep bulk data elsewhere",
+                )
+                self.close()
+                return Slice(requests=requests, finished=True, failure=failure, cpu_s=cpu_s)
+            self.close()
+            return Slice(requests=requests, finished=True, result=json.loads(text), cpu_s=cpu_s)
+        error = done["error"]
+        if error.get("name") == "InternalError" and "out of memory" in error.get("message", ""):
+            failure = self._engine_failure("InternalError: out of memory")
+        else:
+            position = user_position(error.get("stack", ""))
+            failure = ScriptFailure(
+                "error",
+                error.get("name") or "Error",
+                error.get("message") or "",
+                *(position or (None, None)),
+            )
+        self.close()
+        return Slice(requests=requests, finished=True, failure=failure, cpu_s=cpu_s)
+
+    def _fail(self, failure: ScriptFailure, cpu_s: float) -> Slice:
+        self.cpu_s += cpu_s
+        self._finished = True
+        self.close()
+        return Slice(requests=(), finished=True, failure=failure, cpu_s=cpu_s)
+
+    def _slice_failure(self, stack: str = "") -> ScriptFailure:
+        position = user_position(stack)
+        return ScriptFailure(
+            "limit",
+            "cpu_slice",
+            f"script ran for more than {self.limits.slice_cpu_s:g} s without yielding (an endless loop?); "
+            "long computations belong in agents, not in the script",
+            *(position or (None, None)),
+        )
+
+    def _engine_failure(self, text: str) -> ScriptFailure:
+        first = text.strip().splitlines()[0] if text.strip() else "unknown engine error"
+        if "interrupted" in first:
+            return self._slice_failure(text)
+        if "out of memory" in first or first in ("null", "InternalError"):
+            return ScriptFailure(
+                "limit",
+                "memory",
+                f"script exceeded its memory limit of {self.limits.heap_bytes // (1024 * 1024)} MiB",
+            )
+        if "stack" in first.lower() and "exceeded" in first.lower():
+            return ScriptFailure("limit", "stack", "maximum call stack size exceeded (runaway recursion?)")
+        name, _, message = first.partition(": ")
+        position = user_position(text)
+        return ScriptFailure("error", name or "Error", message or first, *(position or (None, None)))

@@ -1,0 +1,635 @@
+"""The SQLite store: the ``Store`` contract (checked against ``MemoryStore`` too), durability, group commit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from runtime.errors import ConfigError, Conflict
+from runtime.store import CallRecord, EventRecord, MemoryStore, RunRecord, Store, WorkflowRecord
+from runtime.store._sqlite import SQLiteStore
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KINDS = ["memory", "sqlite"]
+
+
+@asynccontextmanager
+async def open_store(kind: str, tmp_path: Path) -> AsyncIterator[Store]:
+    store: Store = MemoryStore() if kind == "memory" else await SQLiteStore.open(tmp_path / "data" / "q.db")
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+def run(
+    run_id: str, *, owner: str = "alice", status: str = "completed", created_at: float = 1.0, **kw: Any
+) -> RunRecord:
+    return RunRecord(id=run_id, owner=owner, status=status, script="return 1", created_at=created_at, **kw)
+
+
+def call(run_id: str, index: int, **kw: Any) -> CallRecord:
+    fields: dict[str, Any] = {"key": f"k{index}", "occurrence": 0, "status": "completed", "prompt": f"p{index}"}
+    fields.update(kw)
+    return CallRecord(run_id=run_id, index=index, **fields)
+
+
+def event(run_id: str, seq: int, type: str = "log", **data: Any) -> EventRecord:
+    return EventRecord(seq=seq, ts=float(seq), run_id=run_id, type=type, data=data)
+
+
+def full_run() -> RunRecord:
+    return RunRecord(
+        id="r-full",
+        owner="alice",
+        status="failed",
+        script="const x = await agent('hi')\nreturn x",
+        args={"items": [1, 2.5, "três", None, True], "nested": {"a": {}}},
+        has_args=True,
+        options={"max_agents": 10, "model": "opus"},
+        workflow="summarize",
+        resume_from="r-source",
+        resume_mode="prefix",
+        idempotency_key="idem-1",
+        created_at=1700000000.25,
+        started_at=1700000001.5,
+        finished_at=1700000009.75,
+        result=[1, "two", {"three": 3}],
+        error={"code": "script_error", "message": "boom", "line": 3},
+        usage={"input_tokens": 10, "output_tokens": 20, "cost_usd": 0.5},
+        node="node-a",
+    )
+
+
+def full_call() -> CallRecord:
+    return CallRecord(
+        run_id="r-full",
+        index=3,
+        key="a" * 64,
+        occurrence=2,
+        status="failed",
+        prompt="summarize ✓",
+        options={"schema": {"type": "object"}, "model": "haiku"},
+        label="sum",
+        phase="map",
+        output={"summary": "ok", "n": [1, 2]},
+        usage={"input_tokens": 5, "output_tokens": 7},
+        cost_usd=0.0125,
+        model="haiku",
+        attempts=3,
+        queued_at=1.0,
+        started_at=2.0,
+        finished_at=3.5,
+        error="rate limited",
+        transcript=[{"role": "assistant", "content": "x"}, None, 3],
+    )
+
+
+# -- the contract, against both stores ----------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_run_round_trip(kind: str, tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with open_store(kind, tmp_path) as store:
+            await store.save_run(full_run())
+            assert await store.get_run("r-full") == full_run()
+            assert await store.get_run("missing") is None
+
+            # args absent, explicitly null, and falsy values stay distinguishable.
+            variants = {
+                "absent": run("absent"),
+                "null": run("null", args=None, has_args=True),
+                "zero": run("zero", args=0, has_args=True),
+                "empty": run("empty", args="", has_args=True),
+                "list": run("list", args=[], has_args=True),
+            }
+            for record in variants.values():
+                await store.save_run(record)
+            for run_id, record in variants.items():
+                got = await store.get_run(run_id)
+                assert got == record
+                assert got is not None and got.has_args is (run_id != "absent")
+
+            # save_run replaces.
+            finished = replace(full_run(), status="completed", error=None, result=None)
+            await store.save_run(finished)
+            assert await store.get_run("r-full") == finished
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_list_runs_filters_and_pagination(kind: str, tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with open_store(kind, tmp_path) as store:
+            for i in range(10):
+                owner = "alice" if i % 2 == 0 else "bob"
+                status = "running" if i % 3 == 0 else "completed"
+                await store.save_run(run(f"r{i}", owner=owner, status=status, created_at=100.0 + i))
+            # Two runs created at the same instant are ordered by id.
+            await store.save_run(run("same-a", created_at=50.0))
+            await store.save_run(run("same-b", created_at=50.0))
+
+            everything = [r.id for r in await store.list_runs(limit=100)]
+            assert everything == [f"r{i}" for i in range(9, -1, -1)] + ["same-b", "same-a"]
+            assert [r.id for r in await store.list_runs(owner="bob")] == ["r9", "r7", "r5", "r3", "r1"]
+            assert [r.id for r in await store.list_runs(status="running")] == ["r9", "r6", "r3", "r0"]
+            assert [r.id for r in await store.list_runs(owner="alice", status="running")] == ["r6", "r0"]
+            assert [r.id for r in await store.list_runs(owner="nobody")] == []
+            assert [r.id for r in await store.list_runs(limit=3)] == ["r9", "r8", "r7"]
+
+            # Walk pages with the ``before`` cursor: every run exactly once, newest first.
+            pages: list[list[str]] = []
+            cursor: str | None = None
+            while True:
+                page = [r.id for r in await store.list_runs(limit=5, before=cursor)]
+                if not page:
+                    break
+                pages.append(page)
+                cursor = page[-1]
+            assert [run_id for page in pages for run_id in page] == everything
+            assert [len(p) for p in pages] == [5, 5, 2]
+            # Cursor with filters, and a cursor naming a run of another owner.
+            assert [r.id for r in await store.list_runs(owner="bob", before="r7")] == ["r5", "r3", "r1"]
+            assert [r.id for r in await store.list_runs(owner="alice", before="r7", limit=2)] == ["r6", "r4"]
+            assert [r.id for r in await store.list_runs(before="same-b")] == ["same-a"]
+            # An unknown cursor is ignored.
+            assert [r.id for r in await store.list_runs(limit=2, before="nope")] == ["r9", "r8"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_idempotency_lookup_and_runs_with_status(kind: str, tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with open_store(kind, tmp_path) as store:
+            await store.save_run(run("a1", owner="alice", idempotency_key="k1", status="running", created_at=3.0))
+            await store.save_run(run("b1", owner="bob", idempotency_key="k1", status="paused", created_at=1.0))
+            await store.save_run(run("a2", owner="alice", status="running", created_at=2.0))
+            await store.save_run(run("a3", owner="alice", status="completed", created_at=0.5))
+
+            found = await store.find_run_by_idempotency_key("alice", "k1")
+            assert found is not None and found.id == "a1"
+            found = await store.find_run_by_idempotency_key("bob", "k1")
+            assert found is not None and found.id == "b1"
+            assert await store.find_run_by_idempotency_key("alice", "k2") is None
+            assert await store.find_run_by_idempotency_key("carol", "k1") is None
+
+            assert [r.id for r in await store.runs_with_status(["running", "paused"])] == ["b1", "a2", "a1"]
+            assert [r.id for r in await store.runs_with_status(["completed"])] == ["a3"]
+            assert await store.runs_with_status([]) == []
+            assert await store.runs_with_status(["queued"]) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_calls_upsert_and_order(kind: str, tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with open_store(kind, tmp_path) as store:
+            for index in (5, 0, 3, 1):
+                await store.save_call(call("r1", index, status="running"))
+            await store.save_call(call("r2", 0))
+            await store.save_call(full_call())
+
+            assert [c.index for c in await store.list_calls("r1")] == [0, 1, 3, 5]
+            assert await store.list_calls("r-full") == [full_call()]
+            assert await store.get_call("r-full", 3) == full_call()
+            assert await store.get_call("r1", 2) is None
+            assert await store.list_calls("missing") == []
+
+            done = call("r1", 3, status="completed", output=None, attempts=2, usage={"input_tokens": 1})
+            await store.save_call(done)
+            assert await store.get_call("r1", 3) == done
+            assert [c.status for c in await store.list_calls("r1")] == ["running", "running", "completed", "running"]
+            assert len(await store.list_calls("r2")) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_events_order_after_seq_and_limit(kind: str, tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with open_store(kind, tmp_path) as store:
+            store.append_events([event("r1", 1, "run.started"), event("r2", 1, "run.started")])
+            store.append_events([event("r1", seq, "agent.progress", i=seq, text="é") for seq in range(2, 8)])
+            store.append_events([])
+            await store.save_run(run("r1"))  # an awaited write: every earlier event is committed
+
+            events = await store.read_events("r1")
+            assert [e.seq for e in events] == list(range(1, 8))
+            assert events[0] == event("r1", 1, "run.started")
+            assert events[3] == event("r1", 4, "agent.progress", i=4, text="é")
+            assert [e.seq for e in await store.read_events("r1", after_seq=4)] == [5, 6, 7]
+            assert [e.seq for e in await store.read_events("r1", after_seq=2, limit=2)] == [3, 4]
+            assert await store.read_events("r1", after_seq=7) == []
+            assert [e.run_id for e in await store.read_events("r2")] == ["r2"]
+            assert await store.read_events("missing") == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_workflows_crud(kind: str, tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with open_store(kind, tmp_path) as store:
+            b = WorkflowRecord(name="b", script="return 2", meta={"description": "B", "args": ["x"]})
+            a = WorkflowRecord(name="a", script="return 1", meta={}, owner="alice", source="directory", updated_at=9.5)
+            await store.save_workflow(b)
+            await store.save_workflow(a)
+            assert await store.get_workflow("a") == a
+            assert await store.get_workflow("zzz") is None
+            assert await store.list_workflows() == [a, b]
+
+            b2 = replace(b, script="return 3", updated_at=10.0)
+            await store.save_workflow(b2)
+            assert await store.get_workflow("b") == b2
+
+            assert await store.delete_workflow("a") is True
+            assert await store.delete_workflow("a") is False
+            assert await store.list_workflows() == [b2]
+
+
+async def _scenario(store: Store) -> dict[str, Any]:
+    """A mixed sequence of writes, then every read the contract offers, as plain data."""
+    await store.save_run(full_run())
+    for i in range(6):
+        owner, status = ("u1", "queued") if i % 2 == 0 else ("u2", "running")
+        await store.save_run(run(f"s{i}", owner=owner, status=status, created_at=float(i)))
+        store.append_events([event(f"s{i}", seq, n=seq) for seq in range(1, i + 2)])
+        for index in range(i):
+            await store.save_call(call(f"s{i}", index, occurrence=index // 2))
+    await store.save_call(full_call())
+    await store.save_workflow(WorkflowRecord(name="w", script="s", meta={"k": [1]}))
+    await store.save_workflow(WorkflowRecord(name="v", script="t", meta={}))
+    deleted = await store.delete_workflow("v")
+
+    def dicts(records: list[Any]) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in records]
+
+    out: dict[str, Any] = {
+        "deleted": deleted,
+        "runs": dicts(await store.list_runs(limit=100)),
+        "runs_u1": dicts(await store.list_runs(owner="u1", status="queued", limit=2, before="s4")),
+        "active": dicts(await store.runs_with_status(["running", "failed"])),
+        "idem": (await store.find_run_by_idempotency_key("alice", "idem-1") or full_run()).to_dict(),
+        "workflows": dicts(await store.list_workflows()),
+    }
+    for i in range(6):
+        out[f"calls_s{i}"] = dicts(await store.list_calls(f"s{i}"))
+        out[f"events_s{i}"] = dicts(await store.read_events(f"s{i}", after_seq=1))
+    return out
+
+
+@pytest.mark.anyio
+async def test_memory_and_sqlite_stores_are_equivalent(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with open_store("memory", tmp_path / "m") as memory, open_store("sqlite", tmp_path / "s") as sqlite:
+            assert await _scenario(sqlite) == await _scenario(memory)
+
+
+# -- SQLite specifics ---------------------------------------------------------------------------
+
+
+def _sql(path: Path, query: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path, isolation_level=None)  # autocommit
+    try:
+        return conn.execute(query).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+async def test_migrations_are_recorded_and_not_reapplied(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        path = tmp_path / "nested" / "dir" / "q.db"
+        async with await SQLiteStore.open(path) as store:
+            assert store.applied_migrations == ("0001_initial",)
+        first = await anyio.to_thread.run_sync(_sql, path, "SELECT name, applied_at FROM migrations")
+        assert [name for name, _ in first] == ["0001_initial"]
+        assert await anyio.to_thread.run_sync(_sql, path, "PRAGMA journal_mode") == [("wal",)]
+
+        async with await SQLiteStore.open(path) as store:
+            assert store.applied_migrations == ()
+        assert await anyio.to_thread.run_sync(_sql, path, "SELECT name, applied_at FROM migrations") == first
+
+
+@pytest.mark.anyio
+async def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        path = tmp_path / "q.db"
+        async with await SQLiteStore.open(path):
+            pass
+        await anyio.to_thread.run_sync(_sql, path, "INSERT INTO migrations VALUES ('9999_future', 0)")
+        with pytest.raises(ConfigError, match="9999_future"):
+            await SQLiteStore.open(path)
+
+
+@pytest.mark.anyio
+async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        path = tmp_path / "q.db"
+        async with await SQLiteStore.open(path) as store:
+            await store.save_run(full_run())
+            await store.save_call(full_call())
+            await store.save_workflow(WorkflowRecord(name="w", script="s", meta={"a": 1}))
+            # Not awaited by anything: aclose must still commit them.
+            store.append_events([event("r-full", seq) for seq in range(1, 101)])
+        async with await SQLiteStore.open(path) as store:
+            assert await store.get_run("r-full") == full_run()
+            assert await store.list_calls("r-full") == [full_call()]
+            assert [w.name for w in await store.list_workflows()] == ["w"]
+            assert [e.seq for e in await store.read_events("r-full")] == list(range(1, 101))
+
+
+@pytest.mark.anyio
+async def test_queued_events_are_committed_by_a_following_awaited_write(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            for seq in range(1, 2001):
+                store.append_events([event("r1", seq)])
+            await store.save_call(call("r1", 0))
+            assert len(await store.read_events("r1")) == 2000
+            assert store.statistics().queued == 0
+
+
+CRASH_CHILD = r"""
+import sys
+from pathlib import Path
+
+import anyio
+
+from runtime.store import CallRecord, EventRecord
+from runtime.store._sqlite import SQLiteStore
+
+
+async def main() -> None:
+    store = await SQLiteStore.open(Path(sys.argv[1]))
+    for i in range(200_000):  # bounded: never outlives a parent that died
+        store.append_events([EventRecord(seq=i + 1, ts=0.0, run_id="crash", type="agent.completed", data={"i": i})])
+        await store.save_call(
+            CallRecord(run_id="crash", index=i, key="k", occurrence=i, status="completed", prompt="p", output={"i": i})
+        )
+        print(i, flush=True)  # acknowledged: the parent may now rely on call i (and event i + 1)
+
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.anyio
+async def test_awaited_writes_survive_sigkill(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        path = tmp_path / "q.db"
+        pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": pythonpath}
+        process = await anyio.open_process(
+            [sys.executable, "-c", CRASH_CHILD, str(path)], env=env, stderr=subprocess.DEVNULL
+        )
+        acknowledged = -1
+        try:
+            assert process.stdout is not None
+            lines = BufferedByteReceiveStream(process.stdout)
+            while acknowledged < 300:
+                acknowledged = int(await lines.receive_until(b"\n", 64))
+            process.kill()  # SIGKILL, mid-stream: the child is still writing
+            assert await process.wait() == -signal.SIGKILL
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.aclose()
+
+        async with await SQLiteStore.open(path) as store:
+            calls = await store.list_calls("crash")
+            assert len(calls) >= acknowledged + 1
+            assert [c.index for c in calls] == list(range(len(calls)))
+            assert calls[acknowledged].output == {"i": acknowledged}
+            events = await store.read_events("crash")
+            assert len(events) >= acknowledged + 1
+            assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+class _WriteLock:
+    """Holds SQLite's write lock from another connection, so the store's writer waits at BEGIN and
+    everything enqueued meanwhile lands in one group. Released well within the busy timeout."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._held = False
+
+    async def acquire(self) -> None:
+        await anyio.to_thread.run_sync(self._conn.execute, "BEGIN IMMEDIATE")
+        self._held = True
+
+    async def release(self) -> None:
+        if self._held:
+            self._held = False
+            await anyio.to_thread.run_sync(self._conn.execute, "COMMIT")
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.release()
+            await anyio.to_thread.run_sync(self._conn.close)
+
+
+@pytest.mark.anyio
+async def test_group_commit_of_5000_events_and_1000_calls(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        path = tmp_path / "q.db"
+        async with await SQLiteStore.open(path) as store:
+            before = store.statistics()
+            all_enqueued = anyio.Event()
+            started = 0
+
+            async def agent(i: int) -> None:
+                nonlocal started
+                run_id = f"agent-{i}"
+                store.append_events([event(run_id, 1, "agent.queued"), event(run_id, 2, "agent.started")])
+                started += 1
+                if started == 1000:
+                    all_enqueued.set()
+                # No checkpoint between here and the enqueue inside save_call: once the last agent
+                # has set the event and suspended, every agent's first writes are queued.
+                await store.save_call(call("big", i, output={"i": i}))
+                store.append_events([event(run_id, 3, "agent.progress")])
+                store.append_events([event(run_id, 4, "agent.progress"), event(run_id, 5, "agent.completed")])
+
+            lock = _WriteLock(path)
+            try:
+                await lock.acquire()
+                async with anyio.create_task_group() as tg:
+                    for i in range(1000):
+                        tg.start_soon(agent, i)
+                    await all_enqueued.wait()
+                    await lock.release()
+            finally:
+                await lock.aclose()
+            await store.save_workflow(WorkflowRecord(name="flush", script="", meta={}))
+
+            calls = await store.list_calls("big")
+            assert [c.index for c in calls] == list(range(1000))
+            assert all(c.output == {"i": c.index} for c in calls)
+            for i in range(1000):
+                assert [e.seq for e in await store.read_events(f"agent-{i}")] == [1, 2, 3, 4, 5]
+            stats = store.statistics()
+            assert stats.events_committed - before.events_committed == 5000
+            assert stats.writes_committed - before.writes_committed == 4001
+            assert stats.write_errors == 0
+            # 4001 queued writes, committed in a handful of transactions.
+            assert stats.groups_committed - before.groups_committed < 100
+
+
+@pytest.mark.anyio
+async def test_a_failed_write_reaches_its_caller_and_spares_its_group(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        path = tmp_path / "q.db"
+        async with await SQLiteStore.open(path) as store:
+            await store.save_run(run("first", idempotency_key="same"))
+            outcomes: dict[str, BaseException | None] = {}
+
+            async def attempt(name: str, write: Awaitable[None]) -> None:
+                try:
+                    await write
+                    outcomes[name] = None
+                except Exception as exc:
+                    outcomes[name] = exc
+
+            lock = _WriteLock(path)
+            try:
+                await lock.acquire()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(attempt, "good-before", store.save_call(call("r", 0)))
+                    store.append_events([event("r", 1)])
+                    tg.start_soon(attempt, "duplicate", store.save_run(run("second", idempotency_key="same")))
+                    tg.start_soon(attempt, "good-after", store.save_call(call("r", 1)))
+                    await anyio.wait_all_tasks_blocked()
+                    await lock.release()
+            finally:
+                await lock.aclose()
+
+            assert outcomes["good-before"] is None and outcomes["good-after"] is None
+            error = outcomes["duplicate"]
+            assert isinstance(error, Conflict)
+            assert error.details["idempotency_key"] == "same"
+            assert isinstance(error.__cause__, sqlite3.IntegrityError)
+            assert [c.index for c in await store.list_calls("r")] == [0, 1]
+            assert [e.seq for e in await store.read_events("r")] == [1]
+            assert await store.get_run("second") is None
+            assert store.statistics().write_errors == 1
+
+            # The writer keeps going.
+            await store.save_run(run("third", idempotency_key="other"))
+            assert (await store.find_run_by_idempotency_key("alice", "other")) == run("third", idempotency_key="other")
+
+
+@pytest.mark.anyio
+async def test_a_failed_event_batch_is_counted_and_the_writer_continues(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            store.append_events([event("r", 1), event("r", 2)])
+            store.append_events([event("r", 3), event("r", 2)])  # seq 2 again: the whole batch fails
+            store.append_events([event("r", 4)])
+            await store.save_call(call("r", 0))
+            assert [e.seq for e in await store.read_events("r")] == [1, 2, 4]
+            stats = store.statistics()
+            assert (stats.events_dropped, stats.write_errors) == (2, 1)
+
+
+@pytest.mark.anyio
+async def test_unencodable_values_fail_at_the_call_site(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            with pytest.raises(TypeError):
+                store.append_events([EventRecord(seq=1, ts=0.0, run_id="r", type="log", data={"s": {1, 2}})])
+            with pytest.raises(TypeError):
+                await store.save_call(call("r", 0, output=object()))
+            assert store.statistics().write_errors == 0
+
+
+@pytest.mark.anyio
+async def test_values_are_captured_when_queued(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            data: dict[str, Any] = {"n": 1}
+            store.append_events([EventRecord(seq=1, ts=0.0, run_id="r", type="log", data=data)])
+            data["n"] = 2  # a later mutation does not change what was queued
+            await store.save_call(call("r", 0))
+            assert (await store.read_events("r"))[0].data == {"n": 1}
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_still_gets_its_write(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await store.save_call(call("r", 7))
+            assert scope.cancelled_caught
+            await store.save_call(call("r", 8))
+            assert [c.index for c in await store.list_calls("r")] == [7, 8]
+
+
+def _writer_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "quickflow-store-writer")
+
+
+@pytest.mark.anyio
+async def test_aclose_is_idempotent_and_stops_everything(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        baseline = _writer_threads()
+        store = await SQLiteStore.open(tmp_path / "q.db")
+        assert _writer_threads() == baseline + 1
+        await store.get_run("x")  # opens a read connection
+        store.append_events([event("r", 1)])
+        async with anyio.create_task_group() as tg:  # concurrent closes both return once closed
+            tg.start_soon(store.aclose)
+            tg.start_soon(store.aclose)
+        await store.aclose()
+        assert _writer_threads() == baseline
+        with pytest.raises(RuntimeError, match="closed"):
+            store.append_events([event("r", 2)])
+        with pytest.raises(RuntimeError, match="closed"):
+            await store.save_call(call("r", 0))
+        with pytest.raises(RuntimeError, match="closed"):
+            await store.get_run("x")
+        async with await SQLiteStore.open(tmp_path / "q.db") as reopened:
+            assert [e.seq for e in await reopened.read_events("r")] == [1]
+
+
+@pytest.mark.anyio
+async def test_reads_run_concurrently_with_writes(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with await SQLiteStore.open(tmp_path / "q.db", readers=3) as store:
+            seen: list[int] = []
+
+            async def writer() -> None:
+                for i in range(200):
+                    store.append_events([event("r", i + 1)])
+                    await store.save_call(call("r", i))
+
+            async def reader() -> None:
+                last = 0
+                while last < 200:
+                    calls = await store.list_calls("r")
+                    # A prefix, never shrinking: reads see whole committed groups only.
+                    assert [c.index for c in calls] == list(range(len(calls)))
+                    assert len(calls) >= last
+                    last = len(calls)
+                    seen.append(last)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer)
+                for _ in range(5):
+                    tg.start_soon(reader)
+            assert seen[-1] == 200
