@@ -58,19 +58,17 @@ try {
     );
     if (!critique) { stoppedBecause = `critique failed in round ${round}`; break; }
     best.score = critique.score;
-    if (critique.score >= targetScore || critique.issues.length === 0) {
-      stoppedBecause = `good enough (score ${critique.score})`;
-      break;
-    }
-    const revised = await agent(
+    const goodEnough = critique.score >= targetScore || critique.issues.length === 0;
+    const revised = goodEnough ? null : await agent(
       `Revise the draft to fix these issues:\n${critique.issues.map((x) => `- ${x}`).join('\n')}\n\n` +
       `Draft:\n${best.text}\n\nReturn only the full revised document.`,
       { label: `revise r${round}` },
     );
     const cost = spent() - before;
     costliestRound = Math.max(costliestRound, cost);
-    history.push({ round, score: critique.score, issues: critique.issues.length, tokens: cost });
+    history.push({ round, score: critique.score, issues: critique.issues.length, revised: !!revised, tokens: cost });
     log(`Round ${round}: score ${critique.score}, ${critique.issues.length} issue(s), ${cost} tokens`);
+    if (goodEnough) { stoppedBecause = `good enough (score ${critique.score})`; break; }
     if (typeof revised === 'string' && revised.trim()) best = { text: revised, score: null, round };
   }
 } catch (e) {

@@ -92,7 +92,10 @@ const results = await pipeline(claims, findEvidence, challengeIfWeak, label);
 
 const labelled = results.filter(Boolean);
 const byStatus = { verified: [], unverified: [], questionable: [] };
-for (const r of labelled) byStatus[r.status].push({ claim: r.claim, confidence: r.confidence, sources: r.sources });
+for (const r of labelled) {
+  byStatus[r.status].push({ claim: r.claim, stance: r.stance, confidence: r.confidence, sources: r.sources,
+    skepticReason: r.skepticReason ?? null });
+}
 const failed = claims.filter((c, i) => results[i] === null && !dropped.some((d) => d.claim === c));
 log(`verified=${byStatus.verified.length} unverified=${byStatus.unverified.length} ` +
   `questionable=${byStatus.questionable.length} dropped=${dropped.length} failed=${failed.length}`);

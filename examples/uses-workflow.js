@@ -52,8 +52,10 @@ try {
   throw new Error(`code-audit failed or is not saved (quickflow workflows save examples/code-audit.js): ` +
     `${e?.message ?? e}`);
 }
-if (!report || typeof report !== 'object') {
-  throw new Error('code-audit returned no report; refusing to pass the gate blind');
+// Never pass a gate on a report we do not understand (e.g. an older code-audit).
+const isObj = (x) => x !== null && typeof x === 'object';
+if (!isObj(report) || (!isObj(report.counts) && !isObj(report.bySeverity))) {
+  throw new Error('code-audit returned no usable report (expected counts/bySeverity); refusing to pass the gate blind');
 }
 
 phase('Gate');

@@ -136,15 +136,17 @@ class CheckResult:
 
 
 def check_script(source: str, *, require_meta: bool = False, max_bytes: int = MAX_SCRIPT_BYTES) -> CheckResult:
-    """Check ``source`` statically (it is never run); see the module docstring for the steps."""
-    # 1. Size.
+    """Check ``source`` statically (it is never run); see the module docstring for the steps.
+
+    ``require_meta`` is for saved workflows, which must declare ``export const meta``.
+    """
+    # 1. Size (and encodability: a lone surrogate can arrive through JSON).
     try:
         data = source.encode("utf-8")
     except UnicodeEncodeError as exc:
-        text = _Text(source, source[: exc.start].encode("utf-8"))
-        line, column = text.offset_position(exc.start)
-        code = ord(source[exc.start])
-        return _result([Diagnostic(line, column, f"the script contains an invalid character (lone surrogate U+{code:04X})")], [], None, source)
+        line, column = _offset_position(source, exc.start)
+        message = f"the script contains an invalid character (lone surrogate U+{ord(source[exc.start]):04X})"
+        return _result([Diagnostic(line, column, message)], [], None, source)
     if len(data) > max_bytes:
         message = f"the script is {len(data):,} bytes; the limit is {max_bytes:,} bytes"
         return _result([Diagnostic(1, 1, message, "pass large data in `args` instead of the script")], [], None, source)
@@ -154,37 +156,18 @@ def check_script(source: str, *, require_meta: bool = False, max_bytes: int = MA
     warnings = _determinism_warnings(root, text)
 
     # 2. Syntax, with TypeScript recognised as such.
-    if root.has_error:
-        return _result([_syntax_error(root, text)], warnings, None, source)
-    generic_call = _generic_call(root, text)
-    if generic_call is not None:
-        return _result([generic_call], warnings, None, source)
+    syntax_error = _syntax_error(root, text) if root.has_error else _javascript_traps(root, text)
+    if syntax_error is not None:
+        return _result([syntax_error], warnings, None, source)
 
     # 3. Modules.
-    statements = [child for child in root.named_children if child.type not in ("comment", "hash_bang_line")]
     errors = _module_errors(root, text)
     if errors:
         return _result(errors, warnings, None, source)
 
     # 4. Meta.
-    meta: ScriptMeta | None = None
-    body = source
-    declarators = [(s, d) for s in statements if (d := meta_declarator(s)) is not None]
-    if not declarators:
-        if require_meta:
-            message = "saved workflows need `export const meta = {...}` as the first statement"
-            errors.append(Diagnostic(1, 1, message, "add export const meta = { name: '...', description: '...' }"))
-    else:
-        for statement, _ in declarators:
-            if statement != statements[0]:
-                line, column = text.position(statement)
-                message = "`export const meta` must be the first statement"
-                errors.append(Diagnostic(line, column, message, "move it to the top (comments may come before it)"))
-        if errors:
-            return _result(errors, warnings, None, source)
-        meta, errors, meta_warnings = read_meta(declarators[0][1], text.position)
-        warnings.extend(meta_warnings)
-        body = text.blank_exports([statements[0]])
+    meta, errors, meta_warnings, body = _meta_step(root, text, require_meta)
+    warnings.extend(meta_warnings)
     if errors:
         return _result(errors, warnings, None, body)
 
@@ -202,6 +185,12 @@ def _result(errors: list[Diagnostic], warnings: list[Diagnostic], meta: ScriptMe
     return CheckResult(tuple(sorted(errors, key=order)), tuple(sorted(warnings, key=order)), meta, body)
 
 
+def _offset_position(source: str, offset: int) -> tuple[int, int]:
+    """1-based position of a character offset into ``source``."""
+    line_start = source.rfind("\n", 0, offset) + 1
+    return source.count("\n", 0, offset) + 1, offset - line_start + 1
+
+
 class _Text:
     """Converts tree-sitter and engine positions (UTF-8 byte columns) to 1-based character positions."""
 
@@ -211,12 +200,6 @@ class _Text:
         self.ascii = source.isascii()
         self._lines: list[str] | None = None
 
-    @property
-    def lines(self) -> list[str]:
-        if self._lines is None:
-            self._lines = self.source.split("\n")
-        return self._lines
-
     def position(self, node: Node) -> tuple[int, int]:
         row, byte_column = node.start_point
         if self.ascii:
@@ -224,32 +207,32 @@ class _Text:
         line_start = node.start_byte - byte_column
         return row + 1, len(self.data[line_start : node.start_byte].decode("utf-8", "replace")) + 1
 
-    def offset_position(self, offset: int) -> tuple[int, int]:
-        """Position of a character offset into the source."""
-        line = self.source.count("\n", 0, offset) + 1
-        return line, offset - (self.source.rfind("\n", 0, offset) + 1) + 1
-
     def engine_point(self, line: int, byte_column: int) -> tuple[int, int] | None:
         """Character position for an engine position, or None when it lies past the user's source."""
-        if line > len(self.lines):
+        if self._lines is None:
+            self._lines = self.source.split("\n")
+        if line > len(self._lines):
             return None
-        encoded = self.lines[line - 1].encode("utf-8")
+        encoded = self._lines[line - 1].encode("utf-8")
         if byte_column > len(encoded) + 1:
             return None
         return line, len(encoded[: byte_column - 1].decode("utf-8", "replace")) + 1
 
     def end_position(self) -> tuple[int, int]:
         """Just after the last non-whitespace character."""
-        return self.offset_position(len(self.source.rstrip()))
+        return _offset_position(self.source, len(self.source.rstrip()))
 
     def blank_exports(self, statements: list[Node]) -> str:
-        """The source with the ``export`` keyword starting each statement replaced by six spaces."""
-        chars = list(self.source) if statements else []
+        """The source with the ``export`` keyword starting each statement replaced by six spaces.
+
+        Same length, so every position in the result is the same as in the source.
+        """
+        body = self.source
         for statement in statements:
             start = len(self.data[: statement.start_byte].decode("utf-8"))
-            if self.source[start : start + 6] == "export":
-                chars[start : start + 6] = " " * 6
-        return "".join(chars) if statements else self.source
+            if body[start : start + 6] == "export":
+                body = body[:start] + " " * 6 + body[start + 6 :]
+        return body
 
 
 # --- step 2: syntax ---------------------------------------------------------------------------
@@ -266,6 +249,8 @@ def _syntax_error(root: Node, text: _Text) -> Diagnostic:
     if engine_error is not None:
         return engine_error
     # The engine accepted what tree-sitter rejected (e.g. a body that closes the wrapper early).
+    if not spans:  # pragma: no cover - has_error implies an ERROR or MISSING node
+        return Diagnostic(1, 1, "SyntaxError: the script could not be parsed")
     return _tree_sitter_error(spans[0], text)
 
 
@@ -291,29 +276,38 @@ def _typescript_error(text: _Text, js_errors: list[Node]) -> Diagnostic | None:
     return Diagnostic(line, column, f"TypeScript syntax is not supported ({_TS_KINDS[chosen.type]})", _TS_HINT)
 
 
+def _javascript_traps(root: Node, text: _Text) -> Diagnostic | None:
+    """Syntax the JavaScript grammar accepts but that cannot be meant in a workflow script."""
+    first = root.named_child(0) if root.named_child_count else None
+    if first is not None and first.type == "hash_bang_line":
+        return Diagnostic(1, 1, "a `#!` line is not allowed in a workflow script", "remove the first line")
+    return _generic_call(root, text)
+
+
 def _generic_call(root: Node, text: _Text) -> Diagnostic | None:
     """``agent<string>(p)`` is valid JavaScript, ``(agent < string) > (p)``, but never meant as such.
 
     Where the JS tree has that shape, the TypeScript grammar decides if it is a generic call.
     """
-    suspects: list[Node] = []
+    suspects: list[int] = []  # byte offsets of the `<`
     for node in _tokens(root, text.data, _GENERIC_CALL_END):
         comparison = node.parent
         if node.type != ">" or comparison is None or comparison.type != "binary_expression":
             continue
         left = comparison.child_by_field_name("left")
         right = comparison.child_by_field_name("right")
-        operator = left.child_by_field_name("operator") if left is not None else None
-        if operator is not None and operator.type == "<" and right is not None and right.type == "parenthesized_expression":
-            suspects.append(comparison)
+        if left is None or left.type != "binary_expression" or right is None:
+            continue
+        operator = left.child_by_field_name("operator")
+        if operator is not None and operator.type == "<" and right.type == "parenthesized_expression":
+            suspects.append(operator.start_byte)
     if not suspects:
         return None
-    parsers = _parsers()
-    ts_root = parsers.typescript.parse(text.data).root_node
-    for suspect in suspects:
-        node = ts_root.descendant_for_byte_range(suspect.start_byte, suspect.end_byte)
-        arguments = node.child_by_field_name("type_arguments") if node is not None else None
-        if arguments is not None:
+    ts_root = _parsers().typescript.parse(text.data).root_node
+    for start in suspects:
+        less_than = ts_root.descendant_for_byte_range(start, start + 1)
+        arguments = less_than.parent if less_than is not None else None
+        if arguments is not None and arguments.type == "type_arguments":
             line, column = text.position(arguments)
             return Diagnostic(line, column, "TypeScript syntax is not supported (generic type arguments)", _TS_HINT)
     return None
@@ -350,7 +344,7 @@ def _tree_sitter_error(node: Node, text: _Text) -> Diagnostic:
     while leaf.child_count:
         leaf = leaf.children[0]
     token = (leaf.text or b"").decode("utf-8", "replace")[:20]
-    return Diagnostic(line, column, f"SyntaxError: unexpected `{token}`" if token else "SyntaxError: unexpected input")
+    return Diagnostic(line, column, f"SyntaxError: unexpected `{token or 'input'}`")
 
 
 def _past_the_end(text: _Text, spans: list[Node]) -> Diagnostic:
@@ -363,7 +357,8 @@ def _past_the_end(text: _Text, spans: list[Node]) -> Diagnostic:
         if node.is_error and text.data[node.start_byte : node.start_byte + 1] in (b")", b"]", b"}"):
             return _tree_sitter_error(node, text)
     line, column = text.end_position()
-    return Diagnostic(line, column, "SyntaxError: unexpected end of script", "a bracket, brace, string or comment is not closed")
+    hint = "a bracket, brace, string or comment is not closed"
+    return Diagnostic(line, column, "SyntaxError: unexpected end of script", hint)
 
 
 # --- step 3: modules --------------------------------------------------------------------------
@@ -398,6 +393,31 @@ def _is_callee(node: Node) -> bool:
     return parent is not None and parent.type == "call_expression" and parent.child_by_field_name("function") == node
 
 
+# --- step 4: meta -----------------------------------------------------------------------------
+
+
+def _meta_step(
+    root: Node, text: _Text, require_meta: bool
+) -> tuple[ScriptMeta | None, list[Diagnostic], list[Diagnostic], str]:
+    """``(meta, errors, warnings, body)``; ``body`` has the meta's ``export`` keyword blanked."""
+    statements = [child for child in root.named_children if child.type not in ("comment", "hash_bang_line")]
+    declarations = [s for s in statements if s.type == "export_statement" and meta_declarator(s) is not None]
+    if not declarations:
+        if not require_meta:
+            return None, [], [], text.source
+        message = "saved workflows need `export const meta = {...}` as the first statement"
+        hint = "add export const meta = { name: '...', description: '...' }"
+        return None, [Diagnostic(1, 1, message, hint)], [], text.source
+    message, hint = "`export const meta` must be the first statement", "move it to the top (comments may come first)"
+    misplaced = [Diagnostic(*text.position(s), message, hint) for s in declarations if s != statements[0]]
+    if misplaced:
+        return None, misplaced, [], text.source
+    declarator = meta_declarator(declarations[0])
+    assert declarator is not None  # selected above
+    meta, errors, warnings = read_meta(declarator, text.position)
+    return meta, errors, warnings, text.blank_exports(declarations[:1])
+
+
 # --- step 5: engine compile -------------------------------------------------------------------
 
 
@@ -420,7 +440,7 @@ def _compile(body: str, text: _Text, spans: list[Node]) -> Diagnostic | None:
         if first_line == _SENTINEL:
             return None
         if first_line == "InternalError: interrupted":
-            hint = "very many `const`/`let` declarations in one scope slow the compiler down: move code into functions"
+            hint = "split the script into functions: QuickJS compiles very many block scopes in one function slowly"
             return Diagnostic(1, 1, f"the script took longer than {_COMPILE_SECONDS:g} s to compile", hint)
         if "out of memory" in first_line:
             return Diagnostic(1, 1, "the script needs too much memory to compile", "make the script smaller")
@@ -446,9 +466,10 @@ def _determinism_warnings(root: Node, text: _Text) -> list[Diagnostic]:
     warnings: list[Diagnostic] = []
     for node in _tokens(root, text.data, _DETERMINISM_WORDS):
         kind = _determinism_kind(node)
-        if kind is not None:
+        if kind is not None and node.parent is not None:
             message, hint = _DETERMINISM[kind]
-            warnings.append(Diagnostic(*text.position(node), message + _DETERMINISM_WHY, hint, "warning"))
+            # At the whole expression: `new Date()` starts at `new`.
+            warnings.append(Diagnostic(*text.position(node.parent), message + _DETERMINISM_WHY, hint, "warning"))
     return warnings
 
 

@@ -139,7 +139,8 @@ class _LiteralReader:
         if kind == "template_string":
             substitutions = [child for child in node.named_children if child.type == "template_substitution"]
             if substitutions:
-                self.error(substitutions[0], "meta must be a pure literal: template substitutions (`${...}`) are not allowed")
+                message = "meta must be a pure literal: template substitutions (`${...}`) are not allowed"
+                self.error(substitutions[0], message)
                 return None
             return _string_value(node, template=True)
         if kind == "number":
@@ -157,7 +158,8 @@ class _LiteralReader:
         if kind in ("identifier", "undefined"):
             name = _text(node)
             if name == "undefined":
-                self.error(node, "meta must be a pure literal: `undefined` is not allowed (leave the key out or use null)")
+                message = "meta must be a pure literal: `undefined` is not allowed (leave the key out or use null)"
+                self.error(node, message)
             else:
                 self.error(node, f"meta must be a pure literal: identifier `{name}` is not allowed")
             return None
@@ -257,9 +259,8 @@ def _validate(
             if key not in known:
                 line, column = reader.locate(reader.keys[path + (key,)])
                 expected = ", ".join(known)
-                warnings.append(
-                    Diagnostic(line, column, f"unknown key `{key}` in {where} (ignored)", f"known keys: {expected}", "warning")
-                )
+                message = f"unknown key `{key}` in {where} (ignored)"
+                warnings.append(Diagnostic(line, column, message, f"known keys: {expected}", "warning"))
 
     def optional_string(obj: dict[str, Any], path: Path, key: str, label: str) -> str | None:
         value = obj.get(key)

@@ -9,7 +9,7 @@ code (``options.simulate``):
     output_tokens:   N                 (override the derived count)
     fail:            [regex, ...]      (label or prompt matches → the call fails terminally)
     invalid:         [regex, ...]      (matches → schema output never validates)
-    invalid_attempts: N                (with ``invalid``: only the first N attempts are invalid)
+    invalid_attempts: N                (with ``invalid``: only the first N schema attempts are invalid)
     responses:       [{match, text?, data?}, ...]   (canned answers)
 
 ``record_path`` (or ``QUICKFLOW_SIMULATE_RECORD``) appends one JSON line per execution, so a
@@ -159,7 +159,8 @@ class SimulateBackend:
         if request.schema is not None:
             invalid = any(re.search(p, subject) for p in settings.get("invalid", []))
             attempts = settings.get("invalid_attempts")
-            if invalid and (attempts is None or request.attempt <= int(attempts)):
+            # Structured-output attempts of this call: the corrections fed back so far, plus this one.
+            if invalid and (attempts is None or len(request.corrections) + 1 <= int(attempts)):
                 return json.dumps({"__invalid__": True}), {"__invalid__": True}
             data = sample_from_schema(request.schema, request.prompt)
             return json.dumps(data), data

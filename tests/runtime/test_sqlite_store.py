@@ -456,14 +456,14 @@ async def test_group_commit_of_5000_events_and_1000_calls(tmp_path: Path) -> Non
                 nonlocal started
                 run_id = f"agent-{i}"
                 store.append_events([event(run_id, 1, "agent.queued"), event(run_id, 2, "agent.started")])
+                store.append_events([event(run_id, 3, "agent.progress")])
+                store.append_events([event(run_id, 4, "agent.progress"), event(run_id, 5, "agent.completed")])
                 started += 1
                 if started == 1000:
                     all_enqueued.set()
                 # No checkpoint between here and the enqueue inside save_call: once the last agent
-                # has set the event and suspended, every agent's first writes are queued.
+                # has set the event and suspended, every agent's writes are queued.
                 await store.save_call(call("big", i, output={"i": i}))
-                store.append_events([event(run_id, 3, "agent.progress")])
-                store.append_events([event(run_id, 4, "agent.progress"), event(run_id, 5, "agent.completed")])
 
             lock = _WriteLock(path)
             try:
@@ -486,8 +486,9 @@ async def test_group_commit_of_5000_events_and_1000_calls(tmp_path: Path) -> Non
             assert stats.events_committed - before.events_committed == 5000
             assert stats.writes_committed - before.writes_committed == 4001
             assert stats.write_errors == 0
-            # 4001 queued writes, committed in a handful of transactions.
-            assert stats.groups_committed - before.groups_committed < 100
+            # 4000 writes queued while the writer waited: the group it had taken when it blocked at
+            # BEGIN, one group for everything else, then the flushing save_workflow.
+            assert stats.groups_committed - before.groups_committed <= 3
 
 
 @pytest.mark.anyio

@@ -1,0 +1,220 @@
+"""The ``quickflow`` command line: thin over the library (in-process) and the HTTP API (client).
+
+Exit codes, everywhere: 0 the run completed (or the command succeeded), 1 the run failed or was
+cancelled (or the command failed), 2 the script or the request was rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import click
+
+from runtime import Engine, MemoryStore, RunRecord, RunRequest, load_settings
+from runtime.backends import build_backends
+from runtime.errors import QuickflowError, ScriptRejected
+from runtime.options import BACKENDS
+
+from .progress import make_progress
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_REJECTED = 0, 1, 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="quickflow")
+def main() -> None:
+    """quickflow runs JavaScript workflow scripts that orchestrate LLM subagents.
+
+    \b
+    Examples:
+      quickflow run examples/code-audit.js --args '{"files": ["a.py"]}'
+      quickflow check my-workflow.js
+      quickflow serve
+    """
+
+
+# --- shared helpers --------------------------------------------------------------------------
+
+
+def read_script(path: str) -> tuple[str, str]:
+    """(display name, source). ``-`` reads standard input."""
+    if path == "-":
+        return "<stdin>", sys.stdin.read()
+    try:
+        return path, Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read script {path}: {exc}", param_hint="SCRIPT") from exc
+
+
+def parse_args(text: str | None) -> tuple[Any, bool]:
+    """``--args`` as JSON text or ``@file``: (value, present)."""
+    if text is None:
+        return None, False
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {text[1:]}: {exc}", param_hint="--args") from exc
+    try:
+        return json.loads(text), True
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--args") from exc
+
+
+def print_diagnostics(name: str, diagnostics: list[dict[str, Any]]) -> None:
+    for d in diagnostics:
+        prefix = "warning: " if d.get("severity") == "warning" else ""
+        click.echo(f"{name}:{d['line']}:{d['column']}: {prefix}{d['message']}", err=True)
+        if d.get("hint"):
+            click.echo(f"  hint: {d['hint']}", err=True)
+
+
+def report_run(record: dict[str, Any], *, as_json: bool) -> int:
+    """Print a finished run (result to stdout, summary to stderr); return the exit code."""
+    status = record["status"]
+    if as_json:
+        click.echo(json.dumps({key: record.get(key) for key in ("id", "status", "result", "error", "usage")}))
+    else:
+        if status == "completed":
+            click.echo(json.dumps(record.get("result"), indent=2, ensure_ascii=False))
+        elif record.get("error"):
+            click.echo(f"run {status}: {record['error'].get('message', '')}", err=True)
+        usage = record.get("usage") or {}
+        agents = (usage.get("agents") or {}).get("total", 0)
+        tokens = usage.get("tokens") or {}
+        cost = usage.get("cost_usd", 0.0)
+        estimate = " (estimated)" if usage.get("estimated") else ""
+        click.echo(
+            f"{status} · {agents} agents · tokens in {tokens.get('input', 0)} / out {tokens.get('output', 0)} "
+            f"· ${cost:.4f}{estimate} · {usage.get('duration_s', 0):.2f}s",
+            err=True,
+        )
+    return EXIT_OK if status == "completed" else EXIT_FAILED
+
+
+def fail(exc: QuickflowError, name: str = "") -> int:
+    if isinstance(exc, ScriptRejected):
+        print_diagnostics(name or "<script>", exc.details.get("diagnostics", []))
+        return EXIT_REJECTED
+    click.echo(f"error: {exc.message}", err=True)
+    return EXIT_REJECTED if exc.code in ("invalid_request",) else EXIT_FAILED
+
+
+def run_options(**values: Any) -> dict[str, Any]:
+    options = {k: v for k, v in values.items() if v not in (None, False, ())}
+    simulate: dict[str, Any] = {}
+    if "simulate_latency_ms" in options:
+        simulate["latency_ms"] = options.pop("simulate_latency_ms")
+    if "simulate_fail" in options:
+        simulate["fail"] = list(options.pop("simulate_fail"))
+    if simulate:
+        options["simulate"] = simulate
+    return options
+
+
+_run_option_flags = [
+    click.option("--args", "args_text", metavar="JSON|@FILE", help="The run's input as JSON, or @path to a JSON file."),
+    click.option("--backend", type=click.Choice(BACKENDS), help="Agent backend (default: configured, else simulate)."),
+    click.option("--model", help="Default model for agents (alias such as sonnet, or a model id)."),
+    click.option("--concurrency", type=int, help="Agents running at once in this run."),
+    click.option("--max-agents", type=int, help="Most agents this run may start."),
+    click.option("--budget-tokens", type=int, help="Output-token budget; agent() throws once it is spent."),
+    click.option("--agent-timeout", "agent_timeout_s", type=float, help="Per-agent timeout in seconds."),
+    click.option("--timeout", "timeout_s", type=float, help="Wall-clock limit for the run in seconds."),
+    click.option("--simulate-latency-ms", type=float, help="simulate backend: latency of each agent."),
+    click.option("--simulate-fail", multiple=True, metavar="REGEX", help="simulate backend: fail agents whose label/prompt match."),
+    click.option("--dry-run", is_flag=True, help="Run on the simulate backend and report the estimated cost."),
+]
+
+
+def with_run_options(fn: Any) -> Any:
+    for flag in reversed(_run_option_flags):
+        fn = flag(fn)
+    return fn
+
+
+# --- run and check (in-process) --------------------------------------------------------------
+
+
+@main.command()
+@click.argument("script")
+@with_run_options
+@click.option("--workflows-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Load saved workflows (for workflow()) from this directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: id, status, result, error, usage.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def run(script: str, args_text: str | None, workflows_dir: Path | None, as_json: bool, quiet: bool,
+        **flags: Any) -> None:
+    """Run SCRIPT in this process with a live progress view and print its result.
+
+    SCRIPT is a file, or - for standard input. Exit code 0 completed, 1 failed, 2 rejected.
+
+    \b
+    Examples:
+      quickflow run examples/code-audit.js --args '{"files": ["a.py", "b.py"]}'
+      quickflow run flow.js --dry-run --json
+      echo "return await agent('hi')" | quickflow run -
+    """
+    name, source = read_script(script)
+    args, has_args = parse_args(args_text)
+    request = RunRequest(script=source, args=args, has_args=has_args, options=run_options(**flags))
+    sys.exit(anyio.run(_run_local, name, request, workflows_dir, as_json, quiet))
+
+
+async def _run_local(name: str, request: RunRequest, workflows_dir: Path | None, as_json: bool, quiet: bool) -> int:
+    settings = load_settings()
+    try:
+        backends = build_backends(settings)
+    except QuickflowError as exc:
+        return fail(exc)
+    async with Engine(settings, MemoryStore(), backends=backends, recover=False) as engine:
+        if workflows_dir is not None:
+            await engine.load_workflows_dir(workflows_dir)
+        try:
+            record = await engine.submit(request)
+        except QuickflowError as exc:
+            return fail(exc, name)
+        progress = make_progress(sys.stderr, quiet=quiet or as_json)
+        if progress is not None:
+            with progress:
+                async for event in engine.follow(record.id):
+                    progress.update(event.to_dict())
+        final: RunRecord = await engine.wait(record.id)
+    return report_run(final.to_dict(), as_json=as_json)
+
+
+@main.command()
+@click.argument("script")
+@click.option("--json", "as_json", is_flag=True, help="Print the diagnostics and meta as JSON.")
+@click.option("--require-meta", is_flag=True, help="Fail when `export const meta` is missing (saved workflows).")
+def check(script: str, as_json: bool, require_meta: bool) -> None:
+    """Check SCRIPT without running it: syntax, TypeScript, imports, meta.
+
+    Prints FILE:LINE:COL: message for each problem. Exit code 0 ok, 2 rejected.
+
+    \b
+    Example:
+      quickflow check examples/code-audit.js
+    """
+    from sandbox import check_script
+
+    name, source = read_script(script)
+    result = check_script(source, require_meta=require_meta, max_bytes=load_settings().limits.script_bytes)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        print_diagnostics(name, [d.to_dict() for d in (*result.errors, *result.warnings)])
+        if result.ok:
+            meta = f" ({result.meta.name})" if result.meta else ""
+            click.echo(f"{name}: ok{meta}", err=True)
+    sys.exit(EXIT_OK if result.ok else EXIT_REJECTED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,416 @@
+"""SPEC §2, rule by rule: every global, each error and its message, through a real engine.
+
+Each row is a script, its run options and what the run must end with. Expected values are
+written by hand from the script text; answers from the simulate backend are pinned with
+canned responses (``simulate.responses``) wherever a row depends on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import pytest
+
+from runtime import Engine, MemoryStore, RunRecord, RunRequest, load_settings
+from runtime.errors import ScriptRejected
+
+pytestmark = pytest.mark.anyio
+
+ABSENT = object()
+SCHEMA_N5 = "{type: 'object', properties: {n: {type: 'integer', minimum: 5, maximum: 5}}, required: ['n']}"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    script: str
+    result: Any = ABSENT  # expected result of a completed run
+    error: str | None = None  # expected substring of a failed run's error message
+    options: dict[str, Any] = field(default_factory=dict)
+    args: Any = ABSENT
+    warning: str | None = None  # expected substring of one of the run's warnings
+    failure: str | None = None  # expected failure line
+
+
+CANNED = {"simulate": {"responses": [{"match": "say-a", "text": "A"}, {"match": "say-b", "text": "B"}]}}
+
+CASES = [
+    # --- agent() --------------------------------------------------------------------------------
+    Case("agent-returns-text", "return typeof (await agent('hello'))", result="string"),
+    Case("agent-canned-text", "return await agent('say-a please')", result="A", options=CANNED),
+    Case("agent-schema-object", f"const r = await agent('x', {{schema: {SCHEMA_N5}}}); return r.n", result=5),
+    Case("agent-empty-prompt", "await agent('')", error="agent() expects a non-empty string prompt"),
+    Case("agent-number-prompt", "await agent(42)", error="agent() expects a non-empty string prompt"),
+    Case("agent-blank-prompt", "await agent('   \\n ')", error="agent() expects a non-empty string prompt"),
+    Case("agent-options-not-object", "await agent('x', 'fast')", error="agent() options must be an object"),
+    Case("agent-bad-effort", "await agent('x', {effort: 'huge'})", error="option 'effort' must be one of low, medium"),
+    Case("agent-good-effort", "return typeof (await agent('x', {effort: 'xhigh'}))", result="string"),
+    Case("agent-bad-isolation", "await agent('x', {isolation: 'container'})", error="option 'isolation' must be 'worktree'"),
+    Case("agent-bad-timeout", "await agent('x', {timeout: -5})", error="option 'timeout' must be a positive number"),
+    Case("agent-bad-model", "await agent('x', {model: 7})", error="option 'model' must be a non-empty string"),
+    Case("agent-schema-root-array", "await agent('x', {schema: {type: 'array'}})", error="type: 'object' at its root"),
+    Case("agent-schema-not-object", "await agent('x', {schema: 'json'})", error="must be a JSON Schema object"),
+    Case(
+        "agent-schema-invalid",
+        "await agent('x', {schema: {type: 'object', properties: {a: {type: 'nonsense'}}}})",
+        error="schema is not valid JSON Schema",
+    ),
+    Case(
+        "agent-schema-unsatisfiable",
+        "await agent('x', {schema: {type: 'object', properties: {a: {type: 'string'}}, required: ['b'], "
+        "additionalProperties: false}})",
+        error="can never be satisfied: 'b' is required",
+    ),
+    Case(
+        "agent-unknown-option-warns",
+        "return typeof (await agent('x', {colour: 'red'}))",
+        result="string",
+        warning="unknown option(s): colour",
+    ),
+    Case("agent-unknown-agent-type", "await agent('x', {agentType: 'wizard'})", error="unknown agentType 'wizard'"),
+    Case("agent-failure-is-null", "return await agent('boom now')", result=None, options={"simulate": {"fail": ["boom"]}}),
+    Case(
+        "agent-structured-output-error",
+        f"try {{ await agent('bad-json', {{schema: {SCHEMA_N5}}}) }} catch (e) {{ "
+        "return [e instanceof StructuredOutputError, e.name, typeof e.validationError] }",
+        result=[True, "StructuredOutputError", "string"],
+        options={"simulate": {"invalid": ["bad-json"]}},
+    ),
+    Case(
+        "agent-schema-retry-then-valid",
+        f"return (await agent('flaky', {{schema: {SCHEMA_N5}}})).n",
+        result=5,
+        options={"simulate": {"invalid": ["flaky"], "invalid_attempts": 2}},
+    ),
+    Case(
+        "agent-cap-throws",
+        "await agent('a'); await agent('b'); try { await agent('c') } catch (e) { "
+        "return [e instanceof WorkflowAgentCapError, e.message.includes('at most 2 agents')] }",
+        result=[True, True],
+        options={"max_agents": 2},
+    ),
+    Case(
+        "agent-budget-throws",
+        "await agent('a'); try { await agent('b') } catch (e) { return e instanceof WorkflowBudgetExceededError }",
+        result=True,
+        options={"budget_tokens": 5, "simulate": {"output_tokens": 7}},
+    ),
+    Case(
+        "agent-errors-are-errors",
+        "return [WorkflowAgentCapError, WorkflowBudgetExceededError, StructuredOutputError]"
+        ".map(C => new C('m') instanceof Error && new C('m').name === C.name)",
+        result=[True, True, True],
+    ),
+    # --- budget ---------------------------------------------------------------------------------
+    Case("budget-total-null", "return budget.total", result=None),
+    Case("budget-total-set", "return budget.total", result=1000, options={"budget_tokens": 1000}),
+    Case("budget-remaining-infinite", "return budget.remaining() === Infinity", result=True),
+    Case(
+        "budget-spent-live",
+        "const before = budget.spent(); await agent('a'); return [before, budget.spent(), budget.remaining()]",
+        result=[0, 7, 93],
+        options={"budget_tokens": 100, "simulate": {"output_tokens": 7}},
+    ),
+    Case(
+        "budget-remaining-floor-zero",
+        "await agent('a'); return budget.remaining()",
+        result=0,
+        options={"budget_tokens": 5, "simulate": {"output_tokens": 7}},
+    ),
+    Case("budget-frozen", "return Object.isFrozen(budget)", result=True),
+    # --- parallel() -----------------------------------------------------------------------------
+    Case(
+        "parallel-input-order",
+        "return await parallel([() => agent('say-b'), () => agent('say-a'), () => agent('say-b')])",
+        result=["B", "A", "B"],
+        options={**CANNED, "simulate": {**CANNED["simulate"], "latency_ms": [0, 30]}},
+    ),
+    Case("parallel-not-array", "await parallel(() => 1)", error="parallel() expects an array of functions, not promises"),
+    Case(
+        "parallel-promises",
+        "await parallel([agent('x')])",
+        error="parallel() expects an array of functions, not promises. Wrap each call: () => agent(...)",
+    ),
+    Case("parallel-numbers", "await parallel([1, 2])", error="parallel() expects an array of functions"),
+    Case("parallel-empty", "return await parallel([])", result=[]),
+    Case(
+        "parallel-throw-null-slot",
+        "return await parallel([() => 1, () => { throw new Error('bad') }, async () => 3])",
+        result=[1, None, 3],
+        failure="parallel[1] failed: bad",
+    ),
+    Case(
+        "parallel-too-many",
+        "await parallel(Array.from({length: 4097}, () => () => 1))",
+        error="parallel() accepts at most 4096 functions, got 4097",
+    ),
+    Case(
+        "parallel-4096-ok",
+        "return (await parallel(Array.from({length: 4096}, (_, i) => () => i))).length",
+        result=4096,
+    ),
+    Case(
+        "parallel-entry-cap",
+        "await agent('a'); try { await parallel([() => 1]) } catch (e) { return e.name }",
+        result="WorkflowAgentCapError",
+        options={"max_agents": 1},
+    ),
+    Case(
+        "parallel-entry-budget",
+        "await agent('a'); try { await parallel([() => 1]) } catch (e) { return e.name }",
+        result="WorkflowBudgetExceededError",
+        options={"budget_tokens": 3, "simulate": {"output_tokens": 3}},
+    ),
+    Case(
+        "parallel-cap-inside-is-null",
+        "const r = await parallel([() => agent('a'), () => agent('b'), () => agent('c')]); "
+        "return r.map(x => x === null)",
+        result=[False, True, True],
+        options={"max_agents": 1},
+        failure="parallel[1] failed: agent cap reached",
+    ),
+    # --- pipeline() -----------------------------------------------------------------------------
+    Case(
+        "pipeline-stage-arguments",
+        "return await pipeline([10, 20], (a, item, i) => [a, item, i], (p, item, i) => [p, item, i])",
+        result=[[[10, 10, 0], 10, 0], [[20, 20, 1], 20, 1]],
+    ),
+    Case(
+        "pipeline-null-ends-chain",
+        "let calls = 0; const r = await pipeline([1, 2], (x) => x === 1 ? null : x, (x) => { calls++; return x * 10 });"
+        " return [r, calls]",
+        result=[[None, 20], 1],
+    ),
+    Case(
+        "pipeline-throw-drops-item",
+        "let later = 0; const r = await pipeline(['a', 'b'], (x) => { if (x === 'a') throw new Error('nope'); return x },"
+        " (x) => { later++; return x + '!' }); return [r, later]",
+        result=[[None, "b!"], 1],
+        failure="pipeline[0] failed: nope",
+    ),
+    Case(
+        "pipeline-async-stages",
+        "return await pipeline(['say-a', 'say-b'], (p) => agent(p), async (t) => t + t)",
+        result=["AA", "BB"],
+        options=CANNED,
+    ),
+    Case("pipeline-items-not-array", "await pipeline('abc', (x) => x)", error="pipeline() expects an array of items"),
+    Case("pipeline-stage-not-function", "await pipeline([1], 'stage')", error="pipeline() expects stage functions"),
+    Case(
+        "pipeline-too-many",
+        "await pipeline(Array.from({length: 4097}, (_, i) => i), (x) => x)",
+        error="pipeline() accepts at most 4096 items, got 4097",
+    ),
+    Case(
+        "pipeline-no-barrier",
+        "const order = []; await pipeline([60, 1], (x) => new Promise((r) => setTimeout(() => r(x), x)),"
+        " (x) => { order.push('s2:' + x); return x }); return order",
+        result=["s2:1", "s2:60"],
+    ),
+    Case("pipeline-no-stages", "return await pipeline([1, 2, 3])", result=[1, 2, 3]),
+    # --- phase(), log(), console ------------------------------------------------------------------
+    Case("phase-not-string", "phase(3)", error="phase() expects a non-empty string title"),
+    Case("phase-returns", "return phase('Scan') === undefined", result=True),
+    Case("console-exists", "console.log('a', 1, {b: 2}); console.warn('w'); return typeof console.debug", result="function"),
+    # --- workflow() -----------------------------------------------------------------------------
+    Case("workflow-unknown", "await workflow('nope')", error="no saved workflow with that name (available: child"),
+    Case("workflow-not-string", "await workflow(5)", error="workflow() expects the name of a saved workflow"),
+    Case("workflow-runs-child", "return await workflow('child', {n: 4})", result={"doubled": 8, "kind": "string"}),
+    Case("workflow-nesting-limited", "return await workflow('nester')", error="nesting is limited to one level"),
+    # --- args -----------------------------------------------------------------------------------
+    Case("args-object", "return args", result={"a": [1, 2], "b": {"c": None}}, args={"a": [1, 2], "b": {"c": None}}),
+    Case("args-array", "return args.length", result=3, args=[1, "x", True]),
+    Case("args-string", "return args + '!'", result="hi!", args="hi"),
+    Case("args-absent", "return typeof args", result="undefined"),
+    Case("args-null", "return args === null", result=True, args=None),
+    Case("args-zero", "return args === 0", result=True, args=0),
+    Case("args-real-json", "return Array.isArray(args.list) && args.list[1].k", result="v", args={"list": [0, {"k": "v"}]}),
+    # --- determinism ----------------------------------------------------------------------------
+    Case("date-now-throws", "Date.now()", error="Date.now() is not available in workflow scripts"),
+    Case("math-random-throws", "Math.random()", error="Math.random() is not available in workflow scripts"),
+    Case("new-date-throws", "new Date()", error="new Date() without arguments is not available"),
+    Case("date-call-throws", "Date()", error="Date() is not available in workflow scripts"),
+    Case("new-date-zero-works", "return new Date(0).toISOString()", result="1970-01-01T00:00:00.000Z"),
+    Case("date-parse-utc-work", "return [Date.parse('2020-01-01T00:00:00Z'), Date.UTC(2020, 0, 1)]",
+         result=[1577836800000, 1577836800000]),
+    Case("date-instanceof", "return new Date(5) instanceof Date", result=True),
+    Case("eval-unavailable", "return typeof eval", result="undefined"),
+    Case("function-constructor-throws", "new Function('return 1')", error="Function constructors are not available"),
+    # --- return values and errors -------------------------------------------------------------------
+    Case("return-undefined-is-null", "const x = 1", result=None),
+    Case("return-function-fails", "return () => 1", error="not JSON-serializable: result is a function"),
+    Case("return-nested-function-fails", "return {a: {f() {}}}", error="result.a.f is a function"),
+    Case("return-cycle-fails", "const a = {}; a.self = a; return a", error="result.self is a cycle"),
+    Case("return-bigint-fails", "return {n: 10n}", error="result.n is a BigInt"),
+    Case("return-nested-undefined-dropped", "return {a: undefined, b: [undefined]}", result={"b": [None]}),
+    Case("top-level-await-return", "const v = await Promise.resolve(41); return v + 1", result=42),
+    Case("uncaught-error-fails", "\n\nthrow new RangeError('out of range')", error="RangeError: out of range (line 3"),
+    Case("uncaught-non-error", "throw 'plain'", error="uncaught non-Error value: plain"),
+    Case("deadlock-detected", "await new Promise(() => {})", error="waiting for a promise that can never settle"),
+    # --- timers ---------------------------------------------------------------------------------
+    Case("set-timeout-fires", "return await new Promise((r) => setTimeout((a, b) => r(a + b), 5, 2, 3))", result=5),
+    Case(
+        "clear-timeout-prevents",
+        "let fired = false; const t = setTimeout(() => { fired = true }, 20); clearTimeout(t);"
+        " await new Promise((r) => setTimeout(r, 40)); return fired",
+        result=False,
+    ),
+    Case("set-timeout-needs-function", "setTimeout('code', 1)", error="setTimeout() expects a function"),
+    Case(
+        "timer-callback-error-is-logged",
+        "setTimeout(() => { throw new Error('tick') }, 1); await new Promise((r) => setTimeout(r, 10)); return 'ok'",
+        result="ok",
+    ),
+]
+
+CHILD = """export const meta = {name: 'child', description: 'doubles n'}
+const t = await agent('child agent ' + args.n)
+return {doubled: args.n * 2, kind: typeof t}
+"""
+NESTER = """export const meta = {name: 'nester', description: 'tries to nest'}
+return await workflow('child', {n: 1})
+"""
+
+
+async def run_script(
+    script: str, *, options: dict[str, Any] | None = None, args: Any = ABSENT, engine: Engine | None = None
+) -> tuple[RunRecord, Engine]:
+    async def go(eng: Engine) -> RunRecord:
+        record = await eng.submit(
+            RunRequest(script=script, options=options, args=None if args is ABSENT else args, has_args=args is not ABSENT)
+        )
+        return await eng.wait(record.id)
+
+    if engine is not None:
+        return await go(engine), engine
+    async with Engine(load_settings(), MemoryStore(), recover=False) as eng:
+        await eng.save_workflow(CHILD)
+        await eng.save_workflow(NESTER)
+        return await go(eng), eng
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+async def test_script_api(case: Case) -> None:
+    with anyio.fail_after(20):
+        record, _ = await run_script(case.script, options=case.options, args=case.args)
+    if case.error is not None:
+        assert record.status == "failed", f"expected failure, got {record.status}: {record.result!r}"
+        assert case.error in record.error["message"], record.error
+    else:
+        assert record.status == "completed", record.error
+        assert record.result == case.result
+    if case.warning is not None:
+        assert any(case.warning in w for w in record.usage["warnings"]), record.usage["warnings"]
+    if case.failure is not None:
+        assert any(case.failure in f for f in record.usage["failures"]), record.usage["failures"]
+
+
+def test_the_table_covers_the_spec() -> None:
+    assert len(CASES) >= 60
+
+
+# --- rules that need more than a result ---------------------------------------------------------
+
+
+async def test_default_label_and_explicit_phase() -> None:
+    script = """phase('Scan')
+await agent('  look   at\\n this  ' + 'x'.repeat(80))
+await agent('y', {label: 'custom', phase: 'Other'})
+await agent('z')"""
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(RunRequest(script=script))
+            await engine.wait(record.id)
+            calls = engine.live(record.id).calls
+    assert calls[0].label == "look at this " + "x" * 47
+    assert (calls[0].phase, calls[1].label, calls[1].phase, calls[2].phase) == ("Scan", "custom", "Other", "Scan")
+
+
+async def test_meta_phases_and_no_phase_group() -> None:
+    script = """export const meta = {name: 'p', description: 'd', phases: [{title: 'First'}, {title: 'Second'}]}
+await agent('outside')
+phase('Second')
+await agent('inside')"""
+    with anyio.fail_after(10):
+        record, _ = await run_script(script)
+    phases = {p["title"]: p for p in record.usage["phases"]}
+    assert list(phases) == ["First", "Second", "(no phase)"]
+    assert phases["Second"]["agents"]["completed"] == 1
+    assert phases["(no phase)"]["agents"]["completed"] == 1
+    assert phases["First"]["agents"] == {}
+
+
+async def test_log_events_and_console_prefixes() -> None:
+    script = "log({a: 1}); log('plain'); console.warn('careful'); console.error('bad'); console.log('x', 2)"
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(RunRequest(script=script))
+            await engine.wait(record.id)
+            messages = [e.data["message"] for e in engine.live(record.id).events.history() if e.type == "log"]
+    assert messages == ['{"a":1}', "plain", "[warn] careful", "[error] bad", "x 2"]
+
+
+async def test_log_is_truncated_after_ten_thousand_lines() -> None:
+    script = "for (let i = 0; i < 10050; i++) log('line ' + i); return 'done'"
+    with anyio.fail_after(30):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(RunRequest(script=script))
+            record = await engine.wait(record.id)
+            logs = [e.data["message"] for e in engine.live(record.id).events.history() if e.type == "log"]
+    assert record.result == "done"
+    assert len(logs) == 10_001
+    assert logs[9_999] == "line 9999"
+    assert "log truncated" in logs[10_000]
+
+
+async def test_structured_output_retries_feed_the_error_back() -> None:
+    script = f"return await agent('flaky', {{schema: {SCHEMA_N5}}})"
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(
+                RunRequest(script=script, options={"simulate": {"invalid": ["flaky"], "invalid_attempts": 2}})
+            )
+            await engine.wait(record.id)
+            events = engine.live(record.id).events.history()
+            call = engine.live(record.id).calls[0]
+    retries = [e.data for e in events if e.type == "agent.retrying"]
+    assert [r["attempt"] for r in retries] == [2, 3]
+    assert all("'n' is a required property" in r["reason"] for r in retries)
+    assert call.attempt == 3 and call.output == {"n": 5}
+
+
+async def test_agent_failure_is_recorded() -> None:
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(
+                RunRequest(script="return await agent('boom')", options={"simulate": {"fail": ["boom"]}})
+            )
+            record = await engine.wait(record.id)
+            events = engine.live(record.id).events.history()
+    failed = [e.data for e in events if e.type == "agent.failed"]
+    assert record.result is None
+    assert len(failed) == 1 and "simulated failure" in failed[0]["error"]
+    assert record.usage["agents"]["failed"] == 1
+
+
+async def test_many_agents_warning_and_agent_cap_count() -> None:
+    script = "const r = await parallel(Array.from({length: 40}, (_, i) => () => agent('t' + i))); return r.length"
+    with anyio.fail_after(10):
+        record, _ = await run_script(script, options={"max_agents": 30})
+    assert record.result == 40
+    assert record.usage["agents"]["total"] == 30
+    assert any("more than 25 agents" in w for w in record.usage["warnings"])
+    assert sum("agent cap reached" in f for f in record.usage["failures"]) == 10
+
+
+async def test_rejected_script_never_becomes_a_run() -> None:
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            with pytest.raises(ScriptRejected) as info:
+                await engine.submit(RunRequest(script="const x: number = 1"))
+            assert await engine.store.list_runs() == []
+    diagnostic = info.value.diagnostics[0]
+    assert (diagnostic.line, diagnostic.column) == (1, 8)
+    assert "TypeScript syntax is not supported" in diagnostic.message
