@@ -216,5 +216,36 @@ def check(script: str, as_json: bool, require_meta: bool) -> None:
     sys.exit(EXIT_OK if result.ok else EXIT_REJECTED)
 
 
+# --- the service -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", help="Address to bind (default 127.0.0.1; other addresses need configured tokens).")
+@click.option("--port", type=int, help="Port (default 8765; 0 picks a free one).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the SQLite store lives.")
+@click.option("--workflows-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Load saved workflows from this directory at start.")
+def serve(host: str | None, port: int | None, data_dir: Path | None, workflows_dir: Path | None) -> None:
+    """Start the HTTP service (API, live events, dashboard) with the embedded SQLite store.
+
+    Prints "quickflow listening on URL" once the socket is bound; GET /healthz answers once runs
+    that were live when the last process stopped have been picked up again.
+
+    \b
+    Examples:
+      quickflow serve
+      quickflow serve --port 0 --data-dir /var/lib/quickflow
+      QUICKFLOW_TOKENS="ci:s3cret" quickflow serve --host 0.0.0.0
+    """
+    from .server import serve_forever
+
+    try:
+        settings = load_settings(host=host, port=port, data_dir=data_dir, workflows_dir=workflows_dir)
+        sys.exit(serve_forever(settings))
+    except QuickflowError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -57,11 +57,19 @@ const pool = candidates.slice(0, maxCandidates);
 log(`${candidates.length} unique candidate(s) from ${ANGLES.length} angles; screening ${pool.length}`);
 
 phase('Filter');
-const screens = await parallel(pool.map((name) => () => agent(
-  `Screen the name "${name}" for ${product}. Is it memorable, easy to type, unambiguous, and free of ` +
-  'obvious clashes with well-known tools? Score 1-10.',
-  { label: `screen ${name}`, model: 'haiku', schema: SCREEN_SCHEMA },
-)));
+let screens = [];
+try {
+  screens = await parallel(pool.map((name) => () => agent(
+    `Screen the name "${name}" for ${product}. Is it memorable, easy to type, unambiguous, and free of ` +
+    'obvious clashes with well-known tools? Score 1-10.',
+    { label: `screen ${name}`, model: 'haiku', schema: SCREEN_SCHEMA },
+  )));
+} catch (e) {
+  // parallel() throws at entry once the budget is spent: return the raw pool, unscreened.
+  if (typeof WorkflowBudgetExceededError !== 'function' || !(e instanceof WorkflowBudgetExceededError)) throw e;
+  log('Budget exhausted before screening; returning unscreened candidates');
+  return { product, generated: candidates.length, screened: 0, shortlist: [], unscreened: pool };
+}
 
 const shortlist = pool
   .map((name, i) => ({ ...(screens[i] ?? { ok: false, score: 0, concern: 'screening failed' }), name }))

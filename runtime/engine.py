@@ -31,7 +31,9 @@ from .backends import AgentBackend, SimulateBackend
 from .config import Settings
 from .dispatcher import Dispatcher
 from .errors import (
+    AgentNotFound,
     ConfigError,
+    InvalidRunState,
     InvalidRequest,
     ResumeConflict,
     RunNotFound,
@@ -43,11 +45,13 @@ from .journal import RESUME_MODES, ResumePlan
 from .options import RunOptions
 from .run import Run, RunContext
 from .state import RunStatus
-from .store import EventRecord, RunRecord, Store, WorkflowRecord
+from .store import CallRecord, EventRecord, RunRecord, Store, WorkflowRecord
 
 __all__ = ["Engine", "RunRequest"]
 
 logger = logging.getLogger("quickflow.engine")
+
+KEEP_FINISHED = 256
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ class Engine:
         self.node = f"{os.uname().nodename}:{os.getpid()}"
         self._recover = recover
         self._runs: dict[str, Run] = {}
+        # Finished runs stay in memory a while (live views are cheaper than the store), oldest out first.
+        self._finished: list[str] = []
         self._tg: TaskGroup | None = None
         self._ctx = RunContext(
             store=store,
@@ -211,6 +217,15 @@ class Engine:
 
     async def _drive(self, run: Run) -> None:
         try:
+            await self._drive_inner(run)
+        finally:
+            if run.status.terminal:
+                self._finished.append(run.id)
+                while len(self._finished) > KEEP_FINISHED:
+                    self._runs.pop(self._finished.pop(0), None)
+
+    async def _drive_inner(self, run: Run) -> None:
+        try:
             await run.drive()
         except Exception:  # a bug must end this run, not the service
             logger.exception("run %s crashed", run.id)
@@ -243,6 +258,12 @@ class Engine:
 
     # --- queries ------------------------------------------------------------------------------
 
+    def run_counts(self) -> dict[str, int]:
+        counts = {status.value: 0 for status in RunStatus}
+        for run in self._runs.values():
+            counts[run.status.value] += 1
+        return counts
+
     def live(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)
 
@@ -269,6 +290,53 @@ class Engine:
             return
         for event in await self.store.read_events(run_id, after_seq):
             yield event
+
+    async def list_agents(self, run_id: str, *, owner: str | None = None) -> list[CallRecord]:
+        await self.get_run(run_id, owner=owner)
+        run = self._runs.get(run_id)
+        if run is not None:
+            return [run.calls[i].record(run_id) for i in sorted(run.calls)]
+        return await self.store.list_calls(run_id)
+
+    async def get_agent(self, run_id: str, index: int, *, owner: str | None = None) -> CallRecord:
+        await self.get_run(run_id, owner=owner)
+        run = self._runs.get(run_id)
+        call = run.calls.get(index) if run is not None else None
+        record = call.record(run_id) if call is not None else await self.store.get_call(run_id, index)
+        if record is None:
+            raise AgentNotFound(run_id, index)
+        return record
+
+    # --- controls -----------------------------------------------------------------------------
+
+    async def _live_run(self, run_id: str, owner: str | None, action: str) -> Run:
+        record = await self.get_run(run_id, owner=owner)
+        run = self._runs.get(run_id)
+        if run is None or run.status.terminal:
+            raise InvalidRunState(run_id, record.status, action)
+        return run
+
+    async def pause(self, run_id: str, *, owner: str | None = None) -> RunRecord:
+        await (await self._live_run(run_id, owner, "pause")).pause()
+        return await self.get_run(run_id)
+
+    async def resume(self, run_id: str, *, owner: str | None = None) -> RunRecord:
+        await (await self._live_run(run_id, owner, "resume")).resume()
+        return await self.get_run(run_id)
+
+    async def cancel(self, run_id: str, *, owner: str | None = None) -> RunRecord:
+        run = await self._live_run(run_id, owner, "cancel")
+        run.cancel()
+        await run.done.wait()
+        return await self.get_run(run_id)
+
+    async def stop_agent(self, run_id: str, index: int, *, owner: str | None = None) -> CallRecord:
+        (await self._live_run(run_id, owner, f"stop agent {index} of")).stop_agent(index)
+        return await self.get_agent(run_id, index)
+
+    async def restart_agent(self, run_id: str, index: int, *, owner: str | None = None) -> CallRecord:
+        (await self._live_run(run_id, owner, f"restart agent {index} of")).restart_agent(index)
+        return await self.get_agent(run_id, index)
 
     # --- saved workflows ----------------------------------------------------------------------
 

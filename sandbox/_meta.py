@@ -316,7 +316,11 @@ def _text(node: Node) -> str:
 
 
 def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else type(value).__name__ if value is not None else "null"
+    """A wrong value as a message shows it: strings quoted, anything else by its JSON type."""
+    if isinstance(value, str):
+        return repr(value)
+    kinds = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array"}
+    return kinds.get(type(value), "an object")
 
 
 def _unparenthesize(node: Node) -> Node:

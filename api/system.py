@@ -1,0 +1,68 @@
+"""Health, metrics, static checks, and the dashboard page."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from runtime import Engine
+
+from .auth import Principal, principal
+from .models import CheckBody
+from .runs import EngineDep
+
+__all__ = ["EngineCollector", "router"]
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["system"], summary="Ready when the store is open and runs were recovered")
+async def healthz(request: Request) -> dict[str, Any]:
+    engine: Engine = request.app.state.engine
+    return {"status": "ok", "node": engine.node}
+
+
+@router.get("/metrics", tags=["system"], response_class=PlainTextResponse, summary="Prometheus metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    registry: CollectorRegistry = request.app.state.metrics
+    return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+
+@router.post("/v1/check", tags=["system"], summary="Static diagnostics and meta for a script, without running it")
+async def check(body: CheckBody, engine: EngineDep, caller: Annotated[Principal, Depends(principal)]) -> dict[str, Any]:
+    return engine.check(body.script, require_meta=body.require_meta).to_dict()
+
+
+@router.get("/", include_in_schema=False, response_class=HTMLResponse)
+async def dashboard() -> HTMLResponse:
+    page = resources.files("api").joinpath("static/index.html").read_text(encoding="utf-8")
+    return HTMLResponse(page)
+
+
+class EngineCollector:
+    """Reads the engine's statistics at scrape time; nothing is counted on the hot path."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Any:
+        engine = self._engine
+        runs = GaugeMetricFamily("quickflow_runs", "Runs hosted by this process, by status", labels=["status"])
+        for status, count in engine.run_counts().items():
+            runs.add_metric([status], count)
+        yield runs
+        dispatch = engine.dispatcher.statistics()
+        yield GaugeMetricFamily("quickflow_agents_in_flight", "Agents executing now", value=dispatch.in_flight)
+        yield GaugeMetricFamily("quickflow_agents_waiting", "Agents waiting for a server-wide slot",
+                                value=dispatch.waiting)
+        yield CounterMetricFamily("quickflow_agents_executed", "Agent executions started",
+                                  value=dispatch.executed_total)
+        pool = engine.pool.statistics()
+        yield GaugeMetricFamily("quickflow_slices_running", "Isolate slices running on workers", value=pool.running)
+        yield GaugeMetricFamily("quickflow_slices_waiting", "Isolate slices waiting for a worker", value=pool.waiting)
+        yield CounterMetricFamily("quickflow_slices", "Isolate slices run", value=pool.slices_total)
