@@ -41,19 +41,34 @@ class BodyLimit:
             await self._reject(scope, receive, send)
             return
         seen = 0
+        tripped = False
+        started = False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, tripped
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    tripped = True
                     raise _TooLarge()
             return message
 
+        async def guarded(message: Message) -> None:
+            nonlocal started
+            # Once the limit tripped, the app's own answer (FastAPI turns any error while reading
+            # the body into a 400) is dropped: the client gets the 413 below instead.
+            if tripped and not started:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, limited, send)
+            await self.app(scope, limited, guarded)
         except _TooLarge:
+            if started:  # too late for a 413: let the server abort the response
+                raise
+        if tripped and not started:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -85,6 +85,7 @@
     const desc = getOwnPropertyDescriptor(g, key);
     if (desc && 'value' in desc && desc.value !== g && (typeof desc.value === 'function' || typeof desc.value === 'object') && desc.value !== null) {
       roots.push(desc.value);
+      if (desc.configurable) defineProperty(g, key, { writable: false, configurable: false }); // the prelude looks these up at call time
     }
   }
   roots.push(...protos, getPrototypeOf([][Symbol.iterator]()), getPrototypeOf(getPrototypeOf([][Symbol.iterator]())),

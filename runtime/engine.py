@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from sandbox import CheckResult, ScriptFailure, SlicePool, check_script
@@ -108,6 +109,8 @@ class Engine:
         )
 
     async def __aenter__(self) -> Engine:
+        # Reading the SDK's model list imports its types (over a second): do it off the event loop.
+        await anyio.to_thread.run_sync(models.default_aliases)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         if self._recover:

@@ -12,6 +12,7 @@ the defaults. An unknown model costs 0.0 rather than failing: cost is reporting,
 
 from __future__ import annotations
 
+import functools
 import re
 import typing
 from collections.abc import Iterable, Mapping
@@ -27,7 +28,9 @@ __all__ = [
     "INHERIT",
     "Price",
     "PriceLike",
+    "choose_model",
     "cost_usd",
+    "default_aliases",
     "newest_by_family",
     "price_for",
     "resolve_model",
@@ -90,14 +93,25 @@ def newest_by_family(model_ids: Iterable[str], families: Iterable[str] = FAMILIE
     return {family: entry[2] for family, entry in best.items()}
 
 
-DEFAULT_ALIASES: Mapping[str, str] = {**_FALLBACK_ALIASES, **newest_by_family(sdk_model_ids())}
+@functools.cache
+def default_aliases() -> Mapping[str, str]:
+    """The built-in aliases. Computed on first use: importing the SDK's types costs over a second,
+    which every CLI start would otherwise pay."""
+    return {**_FALLBACK_ALIASES, **newest_by_family(sdk_model_ids())}
+
+
+def __getattr__(name: str) -> object:
+    # ``models.DEFAULT_ALIASES`` stays available as a module attribute, computed lazily.
+    if name == "DEFAULT_ALIASES":
+        return default_aliases()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_model(alias_or_id: str | None, default: str, *, aliases: Mapping[str, str] | None = None) -> str:
     """The model id to send for ``alias_or_id``.
 
     ``None``, ``""`` and ``"inherit"`` mean ``default`` (the run's model), which may itself be an
-    alias. ``aliases`` (configuration) is consulted before :data:`DEFAULT_ALIASES`; an alias may
+    alias. ``aliases`` (configuration) is consulted before :data:`default_aliases()`; an alias may
     point at another alias. Anything that is not an alias is returned unchanged, as a model id.
     """
     name = alias_or_id.strip() if alias_or_id else ""
@@ -105,13 +119,29 @@ def resolve_model(alias_or_id: str | None, default: str, *, aliases: Mapping[str
         name = default.strip()
         if not name or name == INHERIT:
             raise ValueError("the default model cannot be empty or 'inherit'")
-    table = {**DEFAULT_ALIASES, **(aliases or {})}
+    table = {**default_aliases(), **(aliases or {})}
     seen: set[str] = set()
     # Follow alias chains (e.g. configured "fast" -> "haiku"); the seen-set stops cycles.
     while name in table and name not in seen:
         seen.add(name)
         name = table[name]
     return name
+
+
+def choose_model(
+    requested: str | None,
+    *,
+    profile_model: str | None,
+    default: str,
+    aliases: Mapping[str, str] | None = None,
+) -> str:
+    """The model for one agent: the script's ``model`` option, else its profile's, else the run's.
+
+    An explicit ``"inherit"`` skips the profile and takes the run's default.
+    """
+    if not requested and profile_model:
+        requested = profile_model
+    return resolve_model(requested, default, aliases=aliases)
 
 
 class PriceLike(Protocol):
@@ -179,7 +209,7 @@ def price_for(
 def _lookup(model: str, table: Mapping[str, PriceLike], aliases: Mapping[str, str] | None) -> PriceLike | None:
     if model in table:
         return table[model]
-    merged = {**DEFAULT_ALIASES, **(aliases or {})}
+    merged = {**default_aliases(), **(aliases or {})}
     for key, price in table.items():
         if key in merged and resolve_model(key, model, aliases=aliases) == model:
             return price

@@ -29,6 +29,7 @@ def build_backends(settings: Any) -> dict[str, AgentBackend]:
         pass
     else:
         factory = getattr(ClaudeCodeBackend, "from_settings", None)
-        if factory is not None and ClaudeCodeBackend.available():
+        available = getattr(ClaudeCodeBackend, "available", None)
+        if factory is not None and (available is None or available()):
             backends["claude-code"] = factory(settings)
     return backends

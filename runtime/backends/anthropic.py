@@ -67,7 +67,13 @@ class RetryEvent:
     status: int | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "retry", "attempt": self.attempt, "delay_s": round(self.delay_s, 3), "reason": self.reason, "status": self.status}
+        return {
+            "type": "retry",
+            "attempt": self.attempt,
+            "delay_s": round(self.delay_s, 3),
+            "reason": self.reason,
+            "status": self.status,
+        }
 
 
 RetryHook = Callable[[AgentRequest, RetryEvent], Awaitable[None] | None]
@@ -135,7 +141,9 @@ class AnthropicBackend:
         self._random = random.Random()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, on_retry: RetryHook | None = None, **overrides: Any) -> AnthropicBackend:
+    def from_settings(
+        cls, settings: Settings, *, on_retry: RetryHook | None = None, **overrides: Any
+    ) -> AnthropicBackend:
         """Build from server settings: ``settings.anthropic`` plus the model, price and profile tables."""
         config = settings.anthropic
         kwargs: dict[str, Any] = {
@@ -180,11 +188,12 @@ class AnthropicBackend:
 
     def _build_params(self, request: AgentRequest, warnings: list[str]) -> dict[str, Any]:
         profile = self._profile(request)
-        requested = request.model if request.model and request.model != models.INHERIT else None
-        if requested is None and profile is not None and profile.model:
-            requested = profile.model
-        default = str(request.settings.get("default_model") or self._default_model)
-        model = models.resolve_model(requested, default, aliases=self._aliases)
+        model = models.choose_model(
+            request.model,
+            profile_model=profile.model if profile is not None else None,
+            default=str(request.settings.get("default_model") or self._default_model),
+            aliases=self._aliases,
+        )
 
         max_tokens = self._max_tokens
         thinking: dict[str, Any] | None = None
@@ -214,7 +223,13 @@ class AnthropicBackend:
         if request.schema is not None:
             # A JSON round trip turns mapping proxies and tuples into what the API (and a transcript) expect.
             schema = json.loads(json.dumps(request.schema))
-            params["tools"] = [{"name": TOOL_NAME, "description": "Deliver the final result of the task. Call exactly once with the complete result.", "input_schema": schema}]
+            params["tools"] = [
+                {
+                    "name": TOOL_NAME,
+                    "description": "Deliver the final result of the task. Call exactly once with the complete result.",
+                    "input_schema": schema,
+                }
+            ]
             params["tool_choice"] = {"type": "auto"} if thinking else {"type": "tool", "name": TOOL_NAME}
         if thinking is not None:
             params["thinking"] = thinking
@@ -227,9 +242,13 @@ class AnthropicBackend:
             return self._profiles[request.agent_type]
         except KeyError:
             names = ", ".join(sorted(self._profiles)) or "none"
-            raise TerminalBackendError(f"unknown agentType {request.agent_type!r} (configured profiles: {names})") from None
+            raise TerminalBackendError(
+                f"unknown agentType {request.agent_type!r} (configured profiles: {names})"
+            ) from None
 
-    async def _send_with_retries(self, request: AgentRequest, params: dict[str, Any], transcript: list[Mapping[str, Any]]) -> anthropic.types.Message:
+    async def _send_with_retries(
+        self, request: AgentRequest, params: dict[str, Any], transcript: list[Mapping[str, Any]]
+    ) -> anthropic.types.Message:
         waited = 0.0
         attempt = 0
         retries: list[dict[str, Any]] = []
@@ -251,10 +270,15 @@ class AnthropicBackend:
             if not failure.retryable:
                 raise _terminal(failure, f"anthropic request rejected: {failure.reason}", attempt, retries) from None
             if attempt > self._max_retries:
-                raise _terminal(failure, f"anthropic request failed after {attempt} attempts: {failure.reason}", attempt, retries) from None
+                raise _terminal(
+                    failure, f"anthropic request failed after {attempt} attempts: {failure.reason}", attempt, retries
+                ) from None
             delay = failure.retry_after if failure.retry_after is not None else self._backoff(attempt)
             if waited + delay > self._max_retry_wait_s:
-                message = f"anthropic request failed: {failure.reason}; waiting {delay:.1f}s more would exceed the {self._max_retry_wait_s:g}s retry budget"
+                message = (
+                    f"anthropic request failed: {failure.reason}; waiting {delay:.1f}s more would exceed "
+                    f"the {self._max_retry_wait_s:g}s retry budget"
+                )
                 raise _terminal(failure, message, attempt, retries) from None
             event = RetryEvent(attempt, delay, failure.reason, failure.status)
             retries.append(event.to_dict())
@@ -268,10 +292,16 @@ class AnthropicBackend:
 
     def _backoff(self, attempt: int) -> float:
         # Exponential with jitter in [50%, 100%], so agents that failed together do not retry together.
-        ceiling = min(self._backoff_max_s, self._backoff_base_s * 2 ** (attempt - 1))
+        ceiling = min(self._backoff_max_s, self._backoff_base_s * 2.0 ** (attempt - 1))
         return ceiling * (0.5 + self._random.random() / 2)
 
-    def _result(self, request: AgentRequest, message: anthropic.types.Message, transcript: list[Mapping[str, Any]], warnings: list[str]) -> AgentResult:
+    def _result(
+        self,
+        request: AgentRequest,
+        message: anthropic.types.Message,
+        transcript: list[Mapping[str, Any]],
+        warnings: list[str],
+    ) -> AgentResult:
         content = [block.model_dump(mode="json", exclude_none=True) for block in message.content]
         text = "".join(block["text"] for block in content if block.get("type") == "text").strip()
         data: Any = None
@@ -293,17 +323,27 @@ class AnthropicBackend:
         stop_reason = message.stop_reason or "end_turn"
         if stop_reason == "max_tokens":
             warnings.append(f"output truncated at max_tokens ({transcript[0]['params']['max_tokens']})")
-        transcript.append({
-            "type": "response",
-            "id": message.id,
-            "model": model,
-            "stop_reason": stop_reason,
-            "content": content,
-            "usage": u.model_dump(mode="json", exclude_none=True),
-        })
+        transcript.append(
+            {
+                "type": "response",
+                "id": message.id,
+                "model": model,
+                "stop_reason": stop_reason,
+                "content": content,
+                "usage": u.model_dump(mode="json", exclude_none=True),
+            }
+        )
         transcript.extend({"type": "warning", "message": w} for w in warnings)
         cost = models.cost_usd(model, usage, prices=self._prices, aliases=self._aliases)
-        return AgentResult(text=text, usage=usage, model=model, stop_reason=stop_reason, cost_usd=cost, data=data, transcript=tuple(transcript))
+        return AgentResult(
+            text=text,
+            usage=usage,
+            model=model,
+            stop_reason=stop_reason,
+            cost_usd=cost,
+            data=data,
+            transcript=tuple(transcript),
+        )
 
 
 def _messages(request: AgentRequest, *, tool_form: bool) -> list[dict[str, Any]]:
@@ -320,24 +360,37 @@ def _correction_turns(correction: Correction, number: int, *, tool_form: bool) -
         # Answer the earlier tool call with an error result: the shape the model is trained on.
         tool_id = f"toolu_quickflow_correction_{number}"
         return [
-            {"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": TOOL_NAME, "input": previous}]},
-            {"role": "user", "content": [{
-                "type": "tool_result",
-                "tool_use_id": tool_id,
-                "is_error": True,
-                "content": f"This result does not match the required schema: {correction.error}\n"
-                f"Call {TOOL_NAME} again with a complete, corrected result.",
-            }]},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": tool_id, "name": TOOL_NAME, "input": previous}],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": tool_id,
+                        "is_error": True,
+                        "content": f"This result does not match the required schema: {correction.error}\n"
+                        f"Call {TOOL_NAME} again with a complete, corrected result.",
+                    }
+                ],
+            },
         ]
     ask = f"call the {TOOL_NAME} tool" if tool_form else "reply with only the JSON object"
     return [
         # The API rejects empty text blocks; an empty answer is still an answer to object to.
         {"role": "assistant", "content": [{"type": "text", "text": correction.output or "(empty output)"}]},
-        {"role": "user", "content": [{
-            "type": "text",
-            "text": f"That output was rejected: {correction.error}\n"
-            f"Try again: {ask}, with a complete result that matches the required schema.",
-        }]},
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "text",
+                    "text": f"That output was rejected: {correction.error}\n"
+                    f"Try again: {ask}, with a complete result that matches the required schema.",
+                }
+            ],
+        },
     ]
 
 
@@ -356,7 +409,8 @@ def _parse_json_text(text: str) -> Any:
 def _classify_status(exc: anthropic.APIStatusError) -> _Failure:
     status = exc.status_code
     body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    raw_error = body.get("error")
+    error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
     kind = str(error.get("type") or "")
     detail = str(error.get("message") or exc.message)
     if status == 200:

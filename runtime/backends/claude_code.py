@@ -26,9 +26,9 @@ import json
 import shutil
 import tempfile
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
@@ -167,15 +167,26 @@ class ClaudeCodeBackend:
     # -- one session ----------------------------------------------------------------------------
 
     async def _session(self, request: AgentRequest, cwd: Path, transcript: list[Mapping[str, Any]]) -> AgentResult:
-        from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ClaudeSDKError, ResultMessage, SystemMessage, query
+        from claude_agent_sdk import (
+            AssistantMessage,
+            ClaudeAgentOptions,
+            ClaudeSDKError,
+            ResultMessage,
+            SystemMessage,
+            query,
+        )
 
         profile = self._profile(request)
-        requested = request.model if request.model and request.model != models.INHERIT else None
-        if requested is None and profile is not None and profile.model:
-            requested = profile.model
-        model = models.resolve_model(requested, str(request.settings.get("default_model") or self._default_model), aliases=self._aliases)
+        model = models.choose_model(
+            request.model,
+            profile_model=profile.model if profile is not None else None,
+            default=str(request.settings.get("default_model") or self._default_model),
+            aliases=self._aliases,
+        )
         allowed = list(getattr(profile, "tools", None) or self._tools)
-        append = SYSTEM_PROMPT + (f"\n\n{profile.system_prompt.strip()}" if profile is not None and profile.system_prompt else "")
+        append = SYSTEM_PROMPT + (
+            f"\n\n{profile.system_prompt.strip()}" if profile is not None and profile.system_prompt else ""
+        )
         stderr_tail: deque[str] = deque(maxlen=20)
         extra: dict[str, Any] = {"effort": request.effort} if request.effort in _EFFORTS else {}
         options = ClaudeAgentOptions(
@@ -195,14 +206,20 @@ class ClaudeCodeBackend:
             **extra,
         )
         if request.effort and request.effort not in _EFFORTS:
-            transcript.append({"type": "warning", "message": f"effort {request.effort!r} is not a known level; ignored"})
-        transcript.append({"type": "request", "prompt": _prompt(request), "model": model, "cwd": str(cwd), "tools": allowed})
+            transcript.append(
+                {"type": "warning", "message": f"effort {request.effort!r} is not a known level; ignored"}
+            )
+        transcript.append(
+            {"type": "request", "prompt": _prompt(request), "model": model, "cwd": str(cwd), "tools": allowed}
+        )
 
         result: Any = None
         session_model = model
         try:
             # aclosing: a cancelled agent (the dispatcher's timeout) must stop the CLI process now.
-            async with contextlib.aclosing(query(prompt=_prompt(request), options=options)) as messages:
+            # (query() is typed as an AsyncIterator but is an async generator, which aclosing needs.)
+            stream = cast("AsyncGenerator[Any, None]", query(prompt=_prompt(request), options=options))
+            async with contextlib.aclosing(stream) as messages:
                 async for message in messages:
                     if isinstance(message, SystemMessage) and message.subtype == "api_retry":
                         await self._report_retry(request, message.data, transcript)
@@ -220,7 +237,9 @@ class ClaudeCodeBackend:
             raise TerminalBackendError("claude code session ended without a result")
         if result.is_error:
             reason = result.result or "; ".join(result.errors or []) or result.subtype
-            raise TerminalBackendError(f"claude code session failed ({result.subtype}): {reason}", status=result.api_error_status)
+            raise TerminalBackendError(
+                f"claude code session failed ({result.subtype}): {reason}", status=result.api_error_status
+            )
 
         text = (result.result or "").strip()
         usage = Usage(
@@ -246,9 +265,13 @@ class ClaudeCodeBackend:
             return self._profiles[request.agent_type]
         except KeyError:
             names = ", ".join(sorted(self._profiles)) or "none"
-            raise TerminalBackendError(f"unknown agentType {request.agent_type!r} (configured profiles: {names})") from None
+            raise TerminalBackendError(
+                f"unknown agentType {request.agent_type!r} (configured profiles: {names})"
+            ) from None
 
-    async def _report_retry(self, request: AgentRequest, data: Mapping[str, Any], transcript: list[Mapping[str, Any]]) -> None:
+    async def _report_retry(
+        self, request: AgentRequest, data: Mapping[str, Any], transcript: list[Mapping[str, Any]]
+    ) -> None:
         event = RetryEvent(
             attempt=int(data.get("attempt") or 0),
             delay_s=float(data.get("retry_delay_ms") or 0) / 1000,
@@ -309,7 +332,10 @@ async def _git(cwd: Path, *args: str) -> str:
         raise TerminalBackendError(f"isolation 'worktree' needs git: {exc}") from exc
     if done.returncode != 0:
         message = done.stderr.decode(errors="replace").strip()
-        raise TerminalBackendError(f"git {' '.join(args[:2])} failed in {cwd}: {message} (isolation 'worktree' needs a git workspace with a commit)")
+        raise TerminalBackendError(
+            f"git {' '.join(args[:2])} failed in {cwd}: {message} "
+            "(isolation 'worktree' needs a git workspace with a commit)"
+        )
     return done.stdout.decode(errors="replace")
 
 
@@ -345,7 +371,11 @@ def _parse_json_text(text: str) -> Any:
 
 
 def _jsonable(message: Any) -> dict[str, Any]:
-    data = dataclasses.asdict(message) if dataclasses.is_dataclass(message) and not isinstance(message, type) else {"value": message}
+    data = (
+        dataclasses.asdict(message)
+        if dataclasses.is_dataclass(message) and not isinstance(message, type)
+        else {"value": message}
+    )
     entry: dict[str, Any] = json.loads(json.dumps(data, default=str))
     entry["type"] = type(message).__name__.removesuffix("Message").lower()  # "assistant", "result", ...
     return entry

@@ -9,11 +9,12 @@ from typing import Any
 
 import anyio
 import pytest
+from pydantic import SecretStr
 
 from runtime import models
 from runtime.backends._protocol import AgentBackend, AgentRequest, Correction, Usage
 from runtime.backends.anthropic import TOOL_NAME, AnthropicBackend, RetryEvent
-from runtime.config import AgentProfile, ModelPrice, Settings
+from runtime.config import AgentProfile, AnthropicConfig, ModelPrice, Settings
 from runtime.errors import TerminalBackendError
 from tests.fakes.messages_server import ErrorReply, FakeMessagesServer, TextReply, ToolUseReply
 
@@ -71,7 +72,7 @@ async def test_plain_text(backend: AnthropicBackend, messages_server: FakeMessag
     assert result.stop_reason == "end_turn"
     sent = body(messages_server)
     assert sent["stream"] is True
-    assert sent["model"] == models.DEFAULT_ALIASES["sonnet"]
+    assert sent["model"] == models.default_aliases()["sonnet"]
     assert sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Say hello"}]}]
     assert "tools" not in sent and "thinking" not in sent
     assert api_key_sent(messages_server) == "test-key"
@@ -81,7 +82,9 @@ async def test_plain_text(backend: AnthropicBackend, messages_server: FakeMessag
     json.dumps(list(result.transcript))  # the transcript is stored as JSON
 
 
-async def test_system_prompt_is_cached_and_non_interactive(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_system_prompt_is_cached_and_non_interactive(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     with anyio.fail_after(10):
         await backend.call(request())
     system = body(messages_server)["system"]
@@ -91,7 +94,9 @@ async def test_system_prompt_is_cached_and_non_interactive(backend: AnthropicBac
     assert "no preamble" in system[0]["text"]
 
 
-async def test_schema_forces_the_tool_and_returns_its_input(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_schema_forces_the_tool_and_returns_its_input(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     messages_server.enqueue(ToolUseReply({"title": "Fix", "score": 3}))
     with anyio.fail_after(10):
         result = await backend.call(request(schema=SCHEMA))
@@ -99,18 +104,24 @@ async def test_schema_forces_the_tool_and_returns_its_input(backend: AnthropicBa
     assert json.loads(result.text) == result.data
     assert result.stop_reason == "tool_use"
     sent = body(messages_server)
-    assert sent["tools"] == [{"name": TOOL_NAME, "description": sent["tools"][0]["description"], "input_schema": SCHEMA}]
+    assert sent["tools"] == [
+        {"name": TOOL_NAME, "description": sent["tools"][0]["description"], "input_schema": SCHEMA}
+    ]
     assert sent["tool_choice"] == {"type": "tool", "name": TOOL_NAME}
 
 
-async def test_schema_answered_in_text_is_parsed(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_schema_answered_in_text_is_parsed(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     messages_server.enqueue(TextReply('```json\n{"title": "x", "score": 1}\n```'))
     with anyio.fail_after(10):
         result = await backend.call(request(schema=SCHEMA))
     assert result.data == {"title": "x", "score": 1}
 
 
-async def test_corrections_answer_the_tool_call_with_the_validation_error(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_corrections_answer_the_tool_call_with_the_validation_error(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     messages_server.enqueue(ToolUseReply({"title": "Fix", "score": 3}))
     corrections = (
         Correction(output='{"title": "Fix"}', error="'score' is a required property"),
@@ -136,7 +147,9 @@ async def test_rate_limit_honours_retry_after(messages_server: FakeMessagesServe
     seen: list[tuple[int, RetryEvent]] = []
     messages_server.enqueue(ErrorReply(429, "slow down", retry_after=0.2), TextReply("done"))
     async with AnthropicBackend(
-        api_key="k", base_url=messages_server.url, backoff_base_s=0.01,
+        api_key="k",
+        base_url=messages_server.url,
+        backoff_base_s=0.01,
         on_retry=lambda req, event: seen.append((req.index, event)),
     ) as backend:
         started = time.monotonic()
@@ -153,7 +166,9 @@ async def test_rate_limit_honours_retry_after(messages_server: FakeMessagesServe
     assert [e["type"] for e in result.transcript] == ["request", "retry", "response"]
 
 
-async def test_overload_and_mid_stream_errors_are_retried(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_overload_and_mid_stream_errors_are_retried(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     messages_server.enqueue(ErrorReply(529), ErrorReply(529, mid_stream=True), TextReply("finally"))
     with anyio.fail_after(10):
         result = await backend.call(request())
@@ -162,7 +177,9 @@ async def test_overload_and_mid_stream_errors_are_retried(backend: AnthropicBack
     assert [r["status"] for r in retries] == [529, 529]
 
 
-async def test_repeated_server_errors_give_up_after_bounded_attempts(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_repeated_server_errors_give_up_after_bounded_attempts(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     messages_server.default = ErrorReply(500, "boom")
     with anyio.fail_after(10), pytest.raises(TerminalBackendError) as caught:
         await backend.call(request())
@@ -182,7 +199,9 @@ async def test_retry_after_beyond_the_wait_budget_gives_up(messages_server: Fake
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
-async def test_client_errors_are_terminal_without_retry(backend: AnthropicBackend, messages_server: FakeMessagesServer, status: int) -> None:
+async def test_client_errors_are_terminal_without_retry(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer, status: int
+) -> None:
     messages_server.default = ErrorReply(status, "nope")
     with anyio.fail_after(10), pytest.raises(TerminalBackendError) as caught:
         await backend.call(request())
@@ -202,7 +221,12 @@ async def test_connection_errors_are_retried_then_terminal() -> None:
 
 
 async def test_usage_and_cost_match_the_server(messages_server: FakeMessagesServer) -> None:
-    reported = {"input_tokens": 1200, "output_tokens": 340, "cache_read_input_tokens": 5000, "cache_creation_input_tokens": 800}
+    reported = {
+        "input_tokens": 1200,
+        "output_tokens": 340,
+        "cache_read_input_tokens": 5000,
+        "cache_creation_input_tokens": 800,
+    }
     messages_server.enqueue(TextReply("ok", usage=reported))
     prices = {"sonnet": ModelPrice(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75)}
     async with AnthropicBackend(api_key="k", base_url=messages_server.url, prices=prices) as backend:
@@ -211,10 +235,12 @@ async def test_usage_and_cost_match_the_server(messages_server: FakeMessagesServ
     assert result.usage == Usage(input_tokens=1200, output_tokens=340, cache_read_tokens=5000, cache_write_tokens=800)
     expected = (1200 * 3.0 + 340 * 15.0 + 5000 * 0.3 + 800 * 3.75) / 1_000_000
     assert result.cost_usd == pytest.approx(expected)
-    assert result.model == models.DEFAULT_ALIASES["sonnet"]
+    assert result.model == models.default_aliases()["sonnet"]
 
 
-async def test_effort_enables_thinking_with_a_budget(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_effort_enables_thinking_with_a_budget(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     with anyio.fail_after(10):
         result = await backend.call(request(model="opus", effort="high"))
     sent = body(messages_server)
@@ -224,7 +250,9 @@ async def test_effort_enables_thinking_with_a_budget(backend: AnthropicBackend, 
     assert not [e for e in result.transcript if e["type"] == "warning"]
 
 
-async def test_effort_with_schema_offers_the_tool_without_forcing_it(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_effort_with_schema_offers_the_tool_without_forcing_it(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     # The API refuses a forced tool together with extended thinking.
     messages_server.enqueue(ToolUseReply({"title": "t", "score": 1}))
     corrections = (Correction(output='{"title": "t"}', error="'score' is a required property"),)
@@ -238,7 +266,9 @@ async def test_effort_with_schema_offers_the_tool_without_forcing_it(backend: An
     assert result.data == {"title": "t", "score": 1}
 
 
-async def test_effort_on_a_model_without_thinking_is_ignored_with_a_warning(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_effort_on_a_model_without_thinking_is_ignored_with_a_warning(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     with anyio.fail_after(10):
         result = await backend.call(request(model="my-proxy-model", effort="max"))
     assert "thinking" not in body(messages_server)
@@ -246,21 +276,28 @@ async def test_effort_on_a_model_without_thinking_is_ignored_with_a_warning(back
     assert len(warnings) == 1 and "does not support extended thinking" in warnings[0]
 
 
-async def test_agent_profile_sets_system_prompt_and_model(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_agent_profile_sets_system_prompt_and_model(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     with anyio.fail_after(10):
         await backend.call(request(agent_type="reviewer"))
     sent = body(messages_server)
-    assert sent["model"] == models.DEFAULT_ALIASES["haiku"]
+    assert sent["model"] == models.default_aliases()["haiku"]
     assert sent["system"][0]["text"].endswith("You review code for bugs.")
+    with anyio.fail_after(10):
+        await backend.call(request(agent_type="reviewer", model="inherit", settings={"default_model": "opus"}))
+    assert body(messages_server)["model"] == models.default_aliases()["opus"]
     with anyio.fail_after(10), pytest.raises(TerminalBackendError, match="unknown agentType 'nobody'"):
         await backend.call(request(agent_type="nobody"))
 
 
-async def test_inherit_uses_the_runs_default_model(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_inherit_uses_the_runs_default_model(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     with anyio.fail_after(10):
         await backend.call(request(model="inherit", settings={"default_model": "opus"}))
         await backend.call(request(model="claude-custom-1"))
-    assert body(messages_server, 0)["model"] == models.DEFAULT_ALIASES["opus"]
+    assert body(messages_server, 0)["model"] == models.default_aliases()["opus"]
     assert body(messages_server, 1)["model"] == "claude-custom-1"
 
 
@@ -268,7 +305,7 @@ async def test_from_settings(messages_server: FakeMessagesServer) -> None:
     settings = Settings(
         default_model="haiku",
         models={"haiku": "claude-haiku-4-5"},
-        anthropic={"api_key": "from-settings", "base_url": messages_server.url, "max_tokens": 1000},
+        anthropic=AnthropicConfig(api_key=SecretStr("from-settings"), base_url=messages_server.url, max_tokens=1000),
     )
     async with AnthropicBackend.from_settings(settings) as backend:
         with anyio.fail_after(10):
@@ -279,7 +316,9 @@ async def test_from_settings(messages_server: FakeMessagesServer) -> None:
     assert result.cost_usd == pytest.approx((10 * 1.0 + 5 * 5.0) / 1_000_000)
 
 
-async def test_missing_api_key_is_a_clear_terminal_error(monkeypatch: pytest.MonkeyPatch, messages_server: FakeMessagesServer) -> None:
+async def test_missing_api_key_is_a_clear_terminal_error(
+    monkeypatch: pytest.MonkeyPatch, messages_server: FakeMessagesServer
+) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
     async with AnthropicBackend(base_url=messages_server.url) as backend:
@@ -288,7 +327,9 @@ async def test_missing_api_key_is_a_clear_terminal_error(monkeypatch: pytest.Mon
     assert messages_server.message_requests() == []
 
 
-async def test_cancel_scope_stops_a_slow_call_promptly(backend: AnthropicBackend, messages_server: FakeMessagesServer) -> None:
+async def test_cancel_scope_stops_a_slow_call_promptly(
+    backend: AnthropicBackend, messages_server: FakeMessagesServer
+) -> None:
     # The dispatcher's per-agent timeout is a cancel scope around call(); it must not wait for the server.
     messages_server.enqueue(TextReply("late", delay_s=5))
     started = time.monotonic()

@@ -26,7 +26,9 @@ from runtime.config import AgentProfile
 from runtime.errors import TerminalBackendError
 from tests.fakes.messages_server import ErrorReply, FakeMessagesServer, RecordedRequest, Reply, TextReply, ToolUseReply
 
-pytest.importorskip("claude_agent_sdk", reason="claude-agent-sdk is not installed (pip install 'quickflow[claude-code]')")
+pytest.importorskip(
+    "claude_agent_sdk", reason="claude-agent-sdk is not installed (pip install 'quickflow[claude-code]')"
+)
 
 from runtime.backends.claude_code import ClaudeCodeBackend  # noqa: E402 - after the skip check
 
@@ -54,7 +56,15 @@ def claude_cli() -> Path:
     if npm is None:
         pytest.skip("npm is not on PATH: cannot install the Claude Code CLI for the claude-code backend tests")
     CACHE.mkdir(parents=True, exist_ok=True)
-    command = [npm, "install", "--prefix", str(CACHE), "--no-audit", "--no-fund", f"@anthropic-ai/claude-code@{CLI_VERSION}"]
+    command = [
+        npm,
+        "install",
+        "--prefix",
+        str(CACHE),
+        "--no-audit",
+        "--no-fund",
+        f"@anthropic-ai/claude-code@{CLI_VERSION}",
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired:
@@ -77,7 +87,9 @@ def workspace(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_backend(claude_cli: Path, messages_server: FakeMessagesServer, workspace: Path, tmp_path: Path) -> Iterator[Any]:
+def make_backend(
+    claude_cli: Path, messages_server: FakeMessagesServer, workspace: Path, tmp_path: Path
+) -> Iterator[Any]:
     def make(**kwargs: Any) -> ClaudeCodeBackend:
         options: dict[str, Any] = {
             "cli_path": claude_cli,
@@ -128,19 +140,25 @@ async def test_plain_text_agent(make_backend: Any, messages_server: FakeMessages
     json.dumps(list(result.transcript))
 
 
-async def test_schema_agent_parses_json_from_the_final_text(make_backend: Any, messages_server: FakeMessagesServer) -> None:
+async def test_schema_agent_parses_json_from_the_final_text(
+    make_backend: Any, messages_server: FakeMessagesServer
+) -> None:
     messages_server.default = TextReply('{"answer": 42, "unit": "none"}')
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
     corrections = (Correction(output='{"answer": "42"}', error="'42' is not of type 'integer'"),)
     with anyio.fail_after(120):
-        result = await make_backend().call(request("Compute it [marker-schema]", schema=schema, corrections=corrections))
+        result = await make_backend().call(
+            request("Compute it [marker-schema]", schema=schema, corrections=corrections)
+        )
     assert result.data == {"answer": 42, "unit": "none"}
     prompt_text = carrying(messages_server, "marker-schema")[0].text()
     assert "JSON Schema" in prompt_text
     assert "is not of type 'integer'" in prompt_text  # the validation error is fed back
 
 
-async def test_a_tool_outside_the_allowlist_is_denied_not_waited_on(make_backend: Any, messages_server: FakeMessagesServer, workspace: Path) -> None:
+async def test_a_tool_outside_the_allowlist_is_denied_not_waited_on(
+    make_backend: Any, messages_server: FakeMessagesServer, workspace: Path
+) -> None:
     # Bash exists for this profile, but only `echo` is pre-approved: `touch` must be denied
     # (dontAsk), and the session must go on instead of waiting for a human.
     def respond(sent: RecordedRequest) -> Reply | None:
@@ -163,11 +181,19 @@ async def test_a_tool_outside_the_allowlist_is_denied_not_waited_on(make_backend
 
 
 def git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True, env=env).stdout
 
 
-async def test_worktree_isolation_keeps_changed_and_removes_unchanged(make_backend: Any, messages_server: FakeMessagesServer, workspace: Path, tmp_path: Path) -> None:
+async def test_worktree_isolation_keeps_changed_and_removes_unchanged(
+    make_backend: Any, messages_server: FakeMessagesServer, workspace: Path, tmp_path: Path
+) -> None:
     if shutil.which("git") is None:
         pytest.skip("git is not installed: worktree isolation cannot be tested")
     git(workspace, "init", "-q")
@@ -178,7 +204,7 @@ async def test_worktree_isolation_keeps_changed_and_removes_unchanged(make_backe
     def respond(sent: RecordedRequest) -> Reply | None:
         if "marker-write" not in sent.text() or "tool_result" in sent.text():
             return TextReply("done")
-        cwd = re.search(r"Primary working directory: (\S+)", sent.text())
+        cwd = re.search(r"Primary working directory: ([^\s\\\"]+)", sent.text())
         assert cwd is not None
         return ToolUseReply({"file_path": f"{cwd.group(1)}/new.txt", "content": "hi\n"}, name="Write")
 
@@ -205,7 +231,9 @@ async def test_worktree_isolation_needs_a_git_workspace(make_backend: Any) -> No
         await make_backend().call(request("x", isolation="worktree"))
 
 
-async def test_api_errors_are_terminal_and_retries_are_reported(make_backend: Any, messages_server: FakeMessagesServer) -> None:
+async def test_api_errors_are_terminal_and_retries_are_reported(
+    make_backend: Any, messages_server: FakeMessagesServer
+) -> None:
     seen: list[RetryEvent] = []
     messages_server.default = ErrorReply(401, "bad key")
     backend = make_backend(max_retries=1, on_retry=lambda req, event: seen.append(event))

@@ -13,8 +13,8 @@ def test_default_aliases_are_the_sdks_newest_models() -> None:
     known = set(models.sdk_model_ids())
     assert known, "the SDK's Model literal could not be read"
     for family in ("sonnet", "opus", "haiku"):
-        assert models.DEFAULT_ALIASES[family] in known
-        assert family in models.DEFAULT_ALIASES[family]
+        assert models.default_aliases()[family] in known
+        assert family in models.default_aliases()[family]
 
 
 def test_newest_by_family_prefers_higher_versions_and_undated_ids() -> None:
@@ -39,13 +39,13 @@ def test_newest_by_family_prefers_higher_versions_and_undated_ids() -> None:
 @pytest.mark.parametrize(
     ("name", "default", "aliases", "expected"),
     [
-        ("sonnet", "opus", None, models.DEFAULT_ALIASES["sonnet"]),
-        ("inherit", "opus", None, models.DEFAULT_ALIASES["opus"]),
-        (None, "haiku", None, models.DEFAULT_ALIASES["haiku"]),
+        ("sonnet", "opus", None, models.default_aliases()["sonnet"]),
+        ("inherit", "opus", None, models.default_aliases()["opus"]),
+        (None, "haiku", None, models.default_aliases()["haiku"]),
         ("", "claude-x-1", None, "claude-x-1"),
         ("claude-opus-4-1", "sonnet", None, "claude-opus-4-1"),
         ("sonnet", "sonnet", {"sonnet": "claude-sonnet-4-5"}, "claude-sonnet-4-5"),
-        ("fast", "sonnet", {"fast": "haiku"}, models.DEFAULT_ALIASES["haiku"]),
+        ("fast", "sonnet", {"fast": "haiku"}, models.default_aliases()["haiku"]),
         ("loop", "sonnet", {"loop": "pool", "pool": "loop"}, "loop"),
     ],
 )
@@ -66,7 +66,7 @@ def test_resolve_model_rejects_an_inherit_default() -> None:
         ("claude-opus-4-1-20250805", 15.0, 75.0),
         ("claude-haiku-4-5", 1.0, 5.0),
         ("claude-3-5-haiku-latest", 0.8, 4.0),
-        (models.DEFAULT_ALIASES["sonnet"], 3.0, 15.0),
+        (models.default_aliases()["sonnet"], 3.0, 15.0),
     ],
 )
 def test_default_prices(model: str, input_price: float, output_price: float) -> None:
@@ -78,7 +78,9 @@ def test_default_prices(model: str, input_price: float, output_price: float) -> 
 
 
 def test_cost_counts_every_token_kind() -> None:
-    usage = Usage(input_tokens=1_000_000, output_tokens=2_000_000, cache_read_tokens=1_000_000, cache_write_tokens=1_000_000)
+    usage = Usage(
+        input_tokens=1_000_000, output_tokens=2_000_000, cache_read_tokens=1_000_000, cache_write_tokens=1_000_000
+    )
     assert models.cost_usd("claude-haiku-4-5", usage) == pytest.approx(1.0 + 10.0 + 0.1 + 1.25)
 
 
@@ -87,7 +89,7 @@ def test_configured_prices_win_by_id_alias_or_prefix() -> None:
     by_id = {"claude-sonnet-4-5": ModelPrice(input=9.0, output=0.0)}
     assert models.cost_usd("claude-sonnet-4-5", usage, prices=by_id) == pytest.approx(9.0)
     by_alias = {"haiku": ModelPrice(input=7.0, output=0.0)}
-    assert models.cost_usd(models.DEFAULT_ALIASES["haiku"], usage, prices=by_alias) == pytest.approx(7.0)
+    assert models.cost_usd(models.default_aliases()["haiku"], usage, prices=by_alias) == pytest.approx(7.0)
     by_prefix = {"claude-opus": ModelPrice(input=2.0, output=0.0), "claude-opus-4": ModelPrice(input=4.0, output=0.0)}
     assert models.cost_usd("claude-opus-4-1", usage, prices=by_prefix) == pytest.approx(4.0)
     custom = {"my-model": ModelPrice(input=1.5, output=0.0)}
@@ -109,3 +111,12 @@ def test_thinking_budgets_and_support() -> None:
     assert models.supports_thinking("claude-3-7-sonnet-latest")
     assert not models.supports_thinking("claude-3-5-haiku-latest")
     assert not models.supports_thinking("some-other-model")
+
+
+def test_choose_model_prefers_script_then_profile_then_run_default() -> None:
+    aliases = models.default_aliases()
+    assert models.choose_model("opus", profile_model="haiku", default="sonnet") == aliases["opus"]
+    assert models.choose_model(None, profile_model="haiku", default="sonnet") == aliases["haiku"]
+    assert models.choose_model(None, profile_model=None, default="sonnet") == aliases["sonnet"]
+    # An explicit "inherit" means the run's model, even when the profile names one.
+    assert models.choose_model("inherit", profile_model="haiku", default="sonnet") == aliases["sonnet"]

@@ -18,6 +18,7 @@ next queued reply, else ``default`` (a plain text reply). ``POST /v1/messages`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -128,7 +129,9 @@ class RecordedRequest:
 class FakeMessagesServer:
     """The fake server; a context manager that starts it on entry and stops it on exit."""
 
-    def __init__(self, *, default: Reply | None = None, responder: Callable[[RecordedRequest], Reply | None] | None = None) -> None:
+    def __init__(
+        self, *, default: Reply | None = None, responder: Callable[[RecordedRequest], Reply | None] | None = None
+    ) -> None:
         self.default: Reply = default if default is not None else TextReply("ok")
         self.responder = responder
         self._queue: deque[Reply] = deque()
@@ -167,7 +170,9 @@ class FakeMessagesServer:
         # Binding and listening happen in the constructor, so the server is ready (connections
         # wait in the backlog) before serve_forever even starts: no readiness race.
         self._httpd = _Server(("127.0.0.1", 0), _Handler, self)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-messages-server")
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-messages-server"
+        )
         self._thread.start()
         return self
 
@@ -215,7 +220,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], fake: FakeMessagesServer) -> None:
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], fake: FakeMessagesServer
+    ) -> None:
         self.fake = fake
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
@@ -235,10 +242,8 @@ class _Server(ThreadingHTTPServer):
         with self._open_lock:
             sockets = list(self._open)
         for sock in sockets:
-            try:
+            with contextlib.suppress(OSError):  # already closed by the client
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -341,7 +346,14 @@ def _message(request: RecordedRequest, reply: Reply) -> dict[str, Any]:
     elif isinstance(reply, ToolUseReply):
         if reply.text:
             content.append({"type": "text", "text": reply.text})
-        content.append({"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": reply.name or _tool_name(body), "input": dict(reply.input)})
+        content.append(
+            {
+                "type": "tool_use",
+                "id": f"toolu_{uuid.uuid4().hex[:20]}",
+                "name": reply.name or _tool_name(body),
+                "input": dict(reply.input),
+            }
+        )
     return {
         "id": f"msg_{uuid.uuid4().hex[:20]}",
         "type": "message",
@@ -377,14 +389,34 @@ def _sse_events(message: dict[str, Any], reply: Reply) -> Iterator[tuple[str, di
         return
     for index, block in enumerate(message["content"]):
         if block["type"] == "text":
-            yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}
+            yield (
+                "content_block_start",
+                {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
+            )
             for piece in _chunks(block["text"]):
-                yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}}
+                yield (
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}},
+                )
         else:
             opening = {**block, "input": {}}
             yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": opening}
             for piece in _chunks(json.dumps(block["input"])):
-                yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": piece}}
+                yield (
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": "input_json_delta", "partial_json": piece},
+                    },
+                )
         yield "content_block_stop", {"type": "content_block_stop", "index": index}
-    yield "message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None}, "usage": usage}
+    yield (
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+            "usage": usage,
+        },
+    )
     yield "message_stop", {"type": "message_stop"}
