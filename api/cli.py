@@ -1,29 +1,46 @@
 """The ``quickflow`` command line: thin over the library (in-process) and the HTTP API (client).
 
+``run`` and ``check`` work in this process; ``serve`` starts the service; every other command
+is one or two calls of :class:`api.client.Client`, which maps 1:1 to the HTTP routes.
+
 Exit codes, everywhere: 0 the run completed (or the command succeeded), 1 the run failed or was
-cancelled (or the command failed), 2 the script or the request was rejected.
+cancelled (or the command failed: no server, bad token, not found, a control that does not apply
+now), 2 the script or the request was rejected.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import click
+from rich.console import Console
+from rich.table import Table
 
 from runtime import Engine, MemoryStore, RunRecord, RunRequest, load_settings
 from runtime.backends import build_backends
-from runtime.errors import QuickflowError, ScriptRejected
+from runtime.errors import QuickflowError
 from runtime.options import BACKENDS
+from runtime.state import RunStatus
 
-from .progress import make_progress
+from .client import Client, resolve_client
+from .progress import PlainProgress, make_progress
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_REJECTED = 0, 1, 2
+
+# Error codes (the error JSON's ``code``) that mean "your input was refused": exit 2. Every
+# other error (not found, conflict, unauthorized, unreachable, server error) exits 1.
+REJECTED_CODES = frozenset({"script_rejected", "invalid_request", "invalid_json", "body_too_large"})
+
+TERMINAL = frozenset(s.value for s in RunStatus if s.terminal)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,11 +48,24 @@ EXIT_OK, EXIT_FAILED, EXIT_REJECTED = 0, 1, 2
 def main() -> None:
     """quickflow runs JavaScript workflow scripts that orchestrate LLM subagents.
 
+    `run` and `check` work in this process; `serve` starts the HTTP service; the other commands
+    talk to a server: --url/--token, else QUICKFLOW_URL/QUICKFLOW_TOKEN, else the local daemon
+    that `quickflow serve` publishes.
+
+    \b
+    Exit codes:
+      0  the run completed, or the command succeeded
+      1  the run failed or was cancelled, or the command failed (no server, invalid token,
+         run or workflow not found, a control that does not apply to the run now)
+      2  the script or the request was rejected (static checks, invalid options or input)
+
     \b
     Examples:
       quickflow run examples/code-audit.js --args '{"files": ["a.py"]}'
       quickflow check my-workflow.js
       quickflow serve
+      quickflow submit flow.js --follow
+      quickflow runs --status running
     """
 
 
@@ -75,6 +105,23 @@ def print_diagnostics(name: str, diagnostics: list[dict[str, Any]]) -> None:
             click.echo(f"  hint: {d['hint']}", err=True)
 
 
+def summary_line(record: dict[str, Any]) -> str:
+    """``completed · 3 agents · tokens in 40 / out 61 · $0.0009 · 0.05s``."""
+    usage = record.get("usage") or {}
+    agents = (usage.get("agents") or {}).get("total", 0)
+    tokens = usage.get("tokens") or {}
+    cost = usage.get("cost_usd", 0.0)
+    estimate = " (estimated)" if usage.get("estimated") else ""
+    return (
+        f"{record['status']} · {agents} agents · tokens in {tokens.get('input', 0)} / out {tokens.get('output', 0)} "
+        f"· ${cost:.4f}{estimate} · {usage.get('duration_s', 0):.2f}s"
+    )
+
+
+def exit_code_for_status(status: str) -> int:
+    return EXIT_OK if status == "completed" else EXIT_FAILED
+
+
 def report_run(record: dict[str, Any], *, as_json: bool) -> int:
     """Print a finished run (result to stdout, summary to stderr); return the exit code."""
     status = record["status"]
@@ -85,25 +132,35 @@ def report_run(record: dict[str, Any], *, as_json: bool) -> int:
             click.echo(json.dumps(record.get("result"), indent=2, ensure_ascii=False))
         elif record.get("error"):
             click.echo(f"run {status}: {record['error'].get('message', '')}", err=True)
-        usage = record.get("usage") or {}
-        agents = (usage.get("agents") or {}).get("total", 0)
-        tokens = usage.get("tokens") or {}
-        cost = usage.get("cost_usd", 0.0)
-        estimate = " (estimated)" if usage.get("estimated") else ""
-        click.echo(
-            f"{status} · {agents} agents · tokens in {tokens.get('input', 0)} / out {tokens.get('output', 0)} "
-            f"· ${cost:.4f}{estimate} · {usage.get('duration_s', 0):.2f}s",
-            err=True,
-        )
-    return EXIT_OK if status == "completed" else EXIT_FAILED
+        click.echo(summary_line(record), err=True)
+    return exit_code_for_status(status)
+
+
+def exit_code_for(exc: QuickflowError) -> int:
+    return EXIT_REJECTED if exc.code in REJECTED_CODES else EXIT_FAILED
 
 
 def fail(exc: QuickflowError, name: str = "") -> int:
-    if isinstance(exc, ScriptRejected):
-        print_diagnostics(name or "<script>", exc.details.get("diagnostics", []))
+    """Report an error (diagnostics as FILE:LINE:COL for a refused script); return the exit code.
+
+    Works alike for in-process errors and for :class:`api.client.ApiError`, which carries the
+    server's error code and details.
+    """
+    diagnostics = exc.details.get("diagnostics") if exc.code == "script_rejected" else None
+    if diagnostics:
+        print_diagnostics(name or "<script>", diagnostics)
         return EXIT_REJECTED
     click.echo(f"error: {exc.message}", err=True)
-    return EXIT_REJECTED if exc.code in ("invalid_request",) else EXIT_FAILED
+    return exit_code_for(exc)
+
+
+@contextmanager
+def reported(name: str = "") -> Iterator[None]:
+    """Turn a QuickflowError raised inside into its message and exit code."""
+    try:
+        yield
+    except QuickflowError as exc:
+        sys.exit(fail(exc, name))
 
 
 def run_options(**values: Any) -> dict[str, Any]:

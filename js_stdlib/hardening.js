@@ -21,6 +21,7 @@
   ]) {
     delete g[name];
   }
+  delete Error.prepareStackTrace; // an engine hook (accessor) that freezing cannot stop; its CallSites' getFunction() hand out prelude closures
 
   // --- function constructors -------------------------------------------------------------
   const noCode = function Function() {

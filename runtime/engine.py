@@ -205,11 +205,12 @@ class Engine:
         plan: ResumePlan | None = None,
         recovered: list[Any] | None = None,
         last_seq: int = 0,
+        first_index: int = 0,
     ) -> Run:
         events = EventLog(record.id, self.store, start_seq=last_seq)
         phases = [p.title for p in checked.meta.phases] if checked.meta else []
         run = Run(record, options, self._ctx, events, body=checked.body, phases=phases, plan=plan,
-                  recovered=recovered)
+                  recovered=recovered, first_index=first_index)
         self._runs[record.id] = run
         return run
 
@@ -252,8 +253,10 @@ class Engine:
             if record.resume_from:
                 plan = ResumePlan(await self.store.list_calls(record.resume_from), record.resume_mode or "reuse")
             completed = [c for c in calls if c.status in ("completed", "cached")]
-            record = replace(record, node=self.node, status=RunStatus.RUNNING.value)
-            run = self._make_run(record, options, checked, plan=plan, recovered=completed, last_seq=last_seq)
+            record = replace(record, node=self.node)
+            first_index = max((c.index for c in calls), default=-1) + 1
+            run = self._make_run(record, options, checked, plan=plan, recovered=completed, last_seq=last_seq,
+                                 first_index=first_index)
             self._start(run)
 
     def _resolve_model(self, requested: str | None, run_model: str | None) -> str:

@@ -162,6 +162,7 @@ class Run:
         phases: list[str],
         plan: ResumePlan | None = None,
         recovered: list[CallRecord] | None = None,
+        first_index: int = 0,
     ) -> None:
         self.record = record
         self.options = options
@@ -171,10 +172,11 @@ class Run:
         self.body = body
         self.status = RunStatus(record.status)
         self._plan = plan
-        # Crash recovery replays the run's own journal: completed calls keep their index.
+        # Crash recovery replays the run's own journal: completed calls keep their index, and
+        # calls that run live take indices after every journaled one.
+        self._recovering = recovered is not None
         self._recovery = ResumePlan(recovered, "reuse") if recovered else None
-        self._recovered_by_key = {(c.key, c.occurrence): c for c in recovered or []}
-        self._next_index = max((c.index for c in recovered or []), default=-1) + 1
+        self._next_index = first_index
         self.calls: dict[int, LiveCall] = {}
         self._occurrences = Occurrences()
         self._limiter = anyio.CapacityLimiter(options.concurrency)
@@ -205,8 +207,11 @@ class Run:
     async def drive(self) -> None:
         """Run the script to a terminal status. Engine shutdown cancels this without ending the run."""
         started = time.time()
+        was_paused = self.status is RunStatus.PAUSED  # recovered after a restart while paused
         await self._set_status(RunStatus.RUNNING, started_at=self.record.started_at or started)
-        self.events.emit(EventType.RUN_STARTED, {"recovered": self._recovery is not None})
+        self.events.emit(EventType.RUN_STARTED, {"recovered": self._recovering})
+        if was_paused:
+            await self.pause()
         failure: ScriptFailure | None = None
         result: Any = None
         with anyio.CancelScope() as scope:

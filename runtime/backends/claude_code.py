@@ -12,6 +12,9 @@ With ``isolation: "worktree"`` the session runs in a fresh ``git worktree`` of t
 HEAD. A worktree the agent changed is kept and its path reported in the transcript (entry
 ``{"type": "worktree", ...}``); an unchanged one is removed.
 
+Cancelling :meth:`ClaudeCodeBackend.call` (the dispatcher's timeout) stops the CLI process; the
+SDK gives it a few seconds' grace before terminating it, so cancellation completes within ~10 s.
+
 The CLI retries API errors itself; each retry it reports is forwarded to ``on_retry`` and recorded
 in the transcript, and ``max_retries`` bounds them (``CLAUDE_CODE_MAX_RETRIES``).
 """
@@ -200,6 +203,8 @@ class ClaudeCodeBackend:
             allowed_tools=allowed,
             permission_mode="dontAsk",
             setting_sources=[],
+            # Prompts come from scripts: an `@/path` in them must not make the CLI read a file.
+            verbatim_prompts=True,
             max_turns=self._max_turns,
             env=dict(self._env),
             stderr=stderr_tail.append,
@@ -299,8 +304,12 @@ class ClaudeCodeBackend:
         root = self._worktree_root or Path(tempfile.gettempdir())
         root.mkdir(parents=True, exist_ok=True)
         path = Path(tempfile.mkdtemp(prefix=f"quickflow-{request.run_id}-{request.index}-", dir=root))
-        async with self._git_lock(top):
-            await _git(top, "worktree", "add", "--detach", str(path), "HEAD")
+        try:
+            async with self._git_lock(top):
+                await _git(top, "worktree", "add", "--detach", str(path), "HEAD")
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return top, path
 
     async def _release_worktree(self, top: Path, path: Path) -> dict[str, Any]:
