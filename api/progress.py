@@ -83,9 +83,9 @@ def _line(event: Mapping[str, Any]) -> str | None:
     if kind == "agent.retrying":
         return f"↻ agent {data.get('index')} {data.get('label', '')!r} attempt {data.get('attempt')}: {data.get('reason', '')}"
     if kind in ("run.paused", "run.resumed", "run.cancelled"):
-        return kind.split(".")[1]
+        return str(kind).split(".")[1]
     if kind == "run.failed":
-        return f"run failed: {data.get('error', {}).get('message', '')}"
+        return f"run failed: {(data.get('error') or {}).get('message', '')}"
     return None
 
 

@@ -164,10 +164,10 @@ class Engine:
                 args, has_args = source.args, True
             plan = ResumePlan(await self.store.list_calls(source.id), request.resume_mode)
         elif workflow and script is None:
-            record = await self.store.get_workflow(workflow)
-            if record is None:
+            saved = await self.store.get_workflow(workflow)
+            if saved is None:
                 raise WorkflowNotFound(workflow, await self._workflow_names())
-            script = record.script
+            script = saved.script
         if script is None:
             raise InvalidRequest("a run needs a script or the name of a saved workflow")
         checked = self._checked(script)

@@ -410,7 +410,9 @@ class Run:
             self.warn(f"this run schedules more than {self.limits.many_agents_warning} agents")
 
         prompt = str(payload["prompt"])
-        options = {k: payload[k] for k in ("schema", "model", "effort", "agentType", "isolation", "timeout") if k in payload}
+        options: dict[str, Any] = {
+            k: payload[k] for k in ("schema", "model", "effort", "agentType", "isolation", "timeout") if k in payload
+        }
         key = call_key(
             prompt,
             schema=schema,

@@ -82,9 +82,9 @@ def sample_from_schema(schema: Any, seed: str, path: str = "$") -> Any:
         high = int(schema.get("maximum", low + 10))
         return low + n % (high - low + 1)
     if kind == "number":
-        low = float(schema.get("minimum", 0.0))
-        high = float(schema.get("maximum", low + 1.0))
-        return round(low + (n % 1000) / 1000 * (high - low), 3)
+        lo = float(schema.get("minimum", 0.0))
+        hi = float(schema.get("maximum", lo + 1.0))
+        return round(lo + (n % 1000) / 1000 * (hi - lo), 3)
     if kind == "boolean":
         return bool(n & 1)
     return None
