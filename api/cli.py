@@ -164,7 +164,8 @@ def reported(name: str = "") -> Iterator[None]:
 
 
 def run_options(**values: Any) -> dict[str, Any]:
-    options = {k: v for k, v in values.items() if v not in (None, False, ())}
+    # Identity, not equality: an explicit 0 (e.g. --budget-tokens 0) is a value, not "unset".
+    options = {k: v for k, v in values.items() if v is not None and v is not False and v != ()}
     simulate: dict[str, Any] = {}
     if "simulate_latency_ms" in options:
         simulate["latency_ms"] = options.pop("simulate_latency_ms")

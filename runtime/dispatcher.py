@@ -82,14 +82,21 @@ class Dispatcher:
         backend_name: str,
         request: AgentRequest,
         *,
+        scope: anyio.CancelScope | None = None,
         on_retry: Callable[[int, str], None] | None = None,
     ) -> AgentOutcome:
-        """Run one call to an outcome. Cancellation (stop, restart, cancel) propagates to the caller."""
-        async with self._limiter:
-            self._executed += 1
-            with anyio.move_on_after(request.timeout_s) as deadline:
+        """Run one call to an outcome, under ``scope`` (the caller's handle to stop or restart it).
+
+        The agent's timeout becomes the scope's deadline once a server-wide slot is held. When
+        the scope is cancelled the outcome is ``timeout``; a caller that cancelled it on purpose
+        knows better and says so.
+        """
+        scope = scope or anyio.CancelScope()
+        with scope:
+            async with self._limiter:
+                self._executed += 1
+                scope.deadline = min(scope.deadline, anyio.current_time() + request.timeout_s)
                 return await self._attempts(self.backends[backend_name], request, on_retry)
-        assert deadline.cancelled_caught  # move_on_after only falls through when it fired
         return AgentOutcome(
             status="timeout",
             error=f"agent timed out after {request.timeout_s:g} s",

@@ -59,7 +59,9 @@ class EventLog:
         self._seq = start_seq
         self._first_seq = start_seq + 1
         self._events: list[EventRecord] = []
-        self._changed = anyio.Event()
+        # Created by a follower that waits, set (and dropped) by the next emit: emitting costs
+        # nothing extra while nobody follows.
+        self._changed: anyio.Event | None = None
         self._closed = False
         self._listener = listener
 
@@ -74,14 +76,18 @@ class EventLog:
         self._store.append_events((event,))
         if self._listener is not None:
             self._listener(event)
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._wake()
         return event
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def close(self) -> None:
         """No more events: followers drain what is left and stop."""
         self._closed = True
-        self._changed.set()
+        self._wake()
 
     def history(self, after_seq: int = 0) -> list[EventRecord]:
         start = max(0, after_seq + 1 - self._first_seq)
@@ -99,12 +105,13 @@ class EventLog:
                 yield event
                 after_seq = event.seq
         while True:
-            changed = self._changed
             batch = self.history(after_seq)
             for event in batch:
                 yield event
                 after_seq = event.seq
             if self._closed and not self.history(after_seq):
                 return
-            if not batch:
-                await changed.wait()
+            if not self.history(after_seq):
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                await self._changed.wait()

@@ -334,7 +334,7 @@ class Run:
 
     def restart_agent(self, index: int) -> None:
         call = self._live_call(index, f"restart agent {index} of")
-        if call.status is not AgentStatus.RUNNING or call.scope is None:
+        if call.status is not AgentStatus.RUNNING or call.scope is None or call.restart_requested:
             raise InvalidRunState(self.id, f"agent {index} is {call.status.value}", f"restart agent {index} of")
         call.restart_requested = True
         call.scope.cancel()
@@ -465,10 +465,18 @@ class Run:
     async def _run_call(self, call: LiveCall, schema: Any) -> AgentOutcome | None:
         """Queue, wait while paused, execute; None when the agent was stopped."""
         backend = self._backend_for(call)
-        async with self._limiter:
+        # A stop while the call waits for a slot or for the run to resume ends the wait at once.
+        call.scope = anyio.CancelScope()
+        with call.scope:
+            await self._limiter.acquire()
+        if call.scope.cancelled_caught:
+            return None
+        try:
             while True:
-                while not self._unpaused.is_set():
-                    await self._unpaused.wait()
+                call.scope = anyio.CancelScope()
+                with call.scope:
+                    while not self._unpaused.is_set():
+                        await self._unpaused.wait()
                 if call.stop_requested:
                     return None
                 request = AgentRequest(
@@ -489,19 +497,22 @@ class Run:
                 self._count(call, call.status, AgentStatus.RUNNING)
                 call.started_at = time.time()
                 self.events.emit(EventType.AGENT_STARTED, call.event_data())
-                with anyio.CancelScope() as scope:
-                    call.scope = scope
-                    outcome = await self.ctx.dispatcher.execute(
-                        backend, request, on_retry=lambda attempt, error: self._on_retry(call, attempt, error)
-                    )
-                    return outcome
-                call.scope = None
+                call.scope = anyio.CancelScope()
+                outcome = await self.ctx.dispatcher.execute(
+                    backend, request, scope=call.scope,
+                    on_retry=lambda attempt, error: self._on_retry(call, attempt, error),
+                )
                 if call.restart_requested:
                     call.restart_requested = False
                     call.attempt += 1
                     self.events.emit(EventType.AGENT_RETRYING, call.event_data(reason="restarted by request"))
                     continue
-                return None  # stopped while running
+                if call.stop_requested:
+                    return None
+                return outcome
+        finally:
+            call.scope = None
+            self._limiter.release()
 
     def _on_retry(self, call: LiveCall, attempt: int, error: str) -> None:
         self.events.emit(EventType.AGENT_RETRYING, call.event_data(attempt=attempt, reason=f"invalid output: {error}"))

@@ -61,7 +61,8 @@ class ScriptDriver:
             "state": run.js_state(),
         }
         self._inbox: list[tuple[int, bool, Any]] = []
-        self._inbox_changed = anyio.Event()
+        # Created by the loop when it waits, set and dropped by the next delivery.
+        self._inbox_changed: anyio.Event | None = None
         self._outstanding = 0
         self._timers: dict[int, float] = {}  # id -> deadline
         self._timer_heap: list[tuple[float, int]] = []
@@ -103,16 +104,17 @@ class ScriptDriver:
                     ),
                 )
             while not self._inbox:
-                changed = self._inbox_changed
-                await changed.wait()
+                self._inbox_changed = anyio.Event()
+                await self._inbox_changed.wait()
             batch, self._inbox = self._inbox, []
             current = await self._pool.run(partial(self._isolate.settle, batch, self.run.js_state()))
 
     def _deliver(self, request_id: int, ok: bool, value: Any) -> None:
         self._outstanding -= 1
         self._inbox.append((request_id, ok, value))
-        self._inbox_changed.set()
-        self._inbox_changed = anyio.Event()
+        if self._inbox_changed is not None:
+            self._inbox_changed.set()
+            self._inbox_changed = None
 
     def _handle(self, requests: Sequence[Request]) -> None:
         assert self._tg is not None

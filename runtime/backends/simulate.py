@@ -164,7 +164,8 @@ class SimulateBackend:
                 return json.dumps({"__invalid__": True}), {"__invalid__": True}
             data = sample_from_schema(request.schema, request.prompt)
             return json.dumps(data), data
-        words = " ".join(_WORDS[(_seed(request.prompt, str(i))) % len(_WORDS)] for i in range(8))
+        digest = hashlib.sha256(request.prompt.encode()).digest()
+        words = " ".join(_WORDS[b % len(_WORDS)] for b in digest[:8])
         return f"Simulated answer for {request.label or request.prompt[:60]!r}: {words}.", None
 
     def _record(self, request: AgentRequest) -> None:
