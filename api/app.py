@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime import Engine, Settings
-from runtime.backends import build_backends
 from runtime.store import SQLiteStore, Store
 
 from . import runs, system, workflows
@@ -89,7 +88,7 @@ def create_app(settings: Settings, *, store: Store | None = None, generated_toke
         own_store = store is None
         active: Store = store or await SQLiteStore.open(settings.data_dir / "quickflow.db")
         try:
-            async with Engine(settings, active, backends=backends or build_backends(settings)) as engine:
+            async with Engine(settings, active, backends=backends) as engine:
                 if settings.workflows_dir is not None:
                     await engine.load_workflows_dir(settings.workflows_dir)
                 registry = CollectorRegistry()

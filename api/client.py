@@ -27,8 +27,6 @@ import httpx
 
 from runtime.errors import ConfigError, QuickflowError
 
-from .auth import daemon_file, read_daemon_file
-
 __all__ = ["ApiError", "Client", "ServerUnreachable", "resolve_client"]
 
 # Connecting and ordinary requests are quick; waiting for a run (?wait=true) and following its
@@ -218,6 +216,11 @@ def resolve_client(url: str | None = None, token: str | None = None) -> Client:
     """
     url = url or os.environ.get("QUICKFLOW_URL") or None
     token = token or os.environ.get("QUICKFLOW_TOKEN") or None
+    if url is not None and token is not None:
+        return Client(url, token)
+    # Imported here: api.auth pulls in FastAPI, which a CLI call naming its server does not need.
+    from .auth import daemon_file, read_daemon_file
+
     daemon = read_daemon_file()
     if url is None:
         if not daemon or not daemon.get("url"):

@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .errors import ConfigError
 from .limits import Limits
 
-__all__ = ["AgentProfile", "AnthropicConfig", "ModelPrice", "Settings", "load_settings"]
+__all__ = ["AgentProfile", "AnthropicConfig", "ClaudeCodeConfig", "ModelPrice", "Settings", "load_settings"]
 
 
 class ModelPrice(BaseModel):
@@ -50,6 +50,17 @@ class AnthropicConfig(BaseModel):
     max_tokens: int = 8192
 
 
+class ClaudeCodeConfig(BaseModel):
+    """The claude-code backend (optional extra): each agent is a Claude Code session."""
+
+    cli_path: str | None = None  # a pinned `claude` binary; default: the one the SDK finds
+    workspace: str | None = None  # default working directory when a run names none
+    home: str | None = None  # HOME for the CLI (isolates ~/.claude)
+    tools: list[str] | None = None  # tool allowlist; default Read, Grep, Glob
+    max_turns: int | None = None
+    worktree_root: str | None = None  # where `isolation: 'worktree'` creates worktrees
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUICKFLOW_", env_nested_delimiter="__", extra="ignore")
 
@@ -69,6 +80,7 @@ class Settings(BaseSettings):
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
     profiles: dict[str, AgentProfile] = Field(default_factory=dict)
     anthropic: AnthropicConfig = Field(default_factory=AnthropicConfig)
+    claude_code: ClaudeCodeConfig = Field(default_factory=ClaudeCodeConfig)
 
     def backend_name(self) -> str:
         """The backend runs use when they do not name one: configured, else by API key presence."""

@@ -28,7 +28,7 @@ from anyio.abc import TaskGroup
 from sandbox import CheckResult, ScriptFailure, SlicePool, check_script
 
 from . import models
-from .backends import AgentBackend, SimulateBackend
+from .backends import AgentBackend, AgentRequest, SimulateBackend, build_backends
 from .config import Settings
 from .dispatcher import Dispatcher
 from .errors import (
@@ -83,7 +83,9 @@ class Engine:
         self.store = store
         self.limits = settings.limits
         self.pool = pool or SlicePool()
-        self.backends: dict[str, AgentBackend] = dict(backends or {})
+        self.backends: dict[str, AgentBackend] = (
+            dict(backends) if backends is not None else build_backends(settings, on_retry=self.report_backend_retry)
+        )
         self.backends.setdefault("simulate", SimulateBackend())
         self.dispatcher = Dispatcher(
             self.backends,
@@ -124,6 +126,18 @@ class Engine:
             return await self._tg.__aexit__(*exc_info)
         finally:
             self._tg = None
+            with anyio.CancelScope(shield=True):
+                for backend in self.backends.values():
+                    close = getattr(backend, "aclose", None)
+                    if close is not None:
+                        await close()
+
+    def report_backend_retry(self, request: AgentRequest, event: Any) -> None:
+        """A backend is about to retry a transport error: tell the run's followers."""
+        run = self._runs.get(request.run_id)
+        if run is not None:
+            run.backend_retry(request.index, getattr(event, "attempt", 0), getattr(event, "reason", ""),
+                              getattr(event, "delay_s", 0.0))
 
     # --- checks and submission ----------------------------------------------------------------
 
@@ -259,8 +273,15 @@ class Engine:
                                  first_index=first_index)
             self._start(run)
 
-    def _resolve_model(self, requested: str | None, run_model: str | None) -> str:
-        return models.resolve_model(requested, run_model or self.settings.default_model, aliases=self.settings.models)
+    def _resolve_model(self, requested: str | None, run_model: str | None, agent_type: str | None = None) -> str:
+        """The script's model, else the agent profile's, else the run's, else the server default."""
+        profile = self.settings.profiles.get(agent_type) if agent_type else None
+        return models.choose_model(
+            requested,
+            profile_model=profile.model if profile is not None else None,
+            default=run_model or self.settings.default_model,
+            aliases=self.settings.models,
+        )
 
     # --- queries ------------------------------------------------------------------------------
 

@@ -63,7 +63,7 @@ class RunContext:
     pool: Any  # sandbox.SlicePool
     limits: Limits
     profiles: Mapping[str, Any]
-    resolve_model: Callable[[str | None, str | None], str | None]
+    resolve_model: Callable[[str | None, str | None, str | None], str | None]
     load_workflow: Callable[[str], Awaitable[WorkflowRecord | None]]
     list_workflows: Callable[[], Awaitable[list[str]]]
 
@@ -428,7 +428,8 @@ class Run:
         cached = recovered or (self._plan.lookup(key, occurrence) if self._plan else None)
         index = recovered.index if recovered else self._take_index()
         call = LiveCall(index, key, occurrence, prompt, options, payload.get("label") or default_label(prompt),
-                        stats.title, model=self.ctx.resolve_model(payload.get("model"), self.options.model))
+                        stats.title,
+                        model=self.ctx.resolve_model(payload.get("model"), self.options.model, agent_type))
         self.calls[index] = call
         if cached is not None:
             return True, await self._serve_cached(call, cached, same_run=recovered is not None)
@@ -514,6 +515,12 @@ class Run:
             call.scope = None
             self._limiter.release()
 
+    def backend_retry(self, index: int, attempt: int, reason: str, delay_s: float) -> None:
+        call = self.calls.get(index)
+        if call is not None:
+            self.events.emit(EventType.AGENT_RETRYING, call.event_data(
+                transport_attempt=attempt, reason=reason, delay_s=round(delay_s, 3)))
+
     def _on_retry(self, call: LiveCall, attempt: int, error: str) -> None:
         self.events.emit(EventType.AGENT_RETRYING, call.event_data(attempt=attempt, reason=f"invalid output: {error}"))
 
@@ -541,6 +548,9 @@ class Run:
         call.model = outcome.model or call.model
         call.attempt = max(call.attempt, outcome.attempts)
         call.transcript = list(outcome.transcript)
+        for entry in call.transcript:
+            if isinstance(entry, Mapping) and entry.get("type") == "warning":
+                self.warn(f"agent {call.index} ({call.label}): {entry.get('message', '')}")
         self._account(call)
         tokens = {"input": outcome.usage.input_tokens, "output": outcome.usage.output_tokens}
         if outcome.status == "completed":

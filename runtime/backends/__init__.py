@@ -8,12 +8,12 @@ from .simulate import SimulateBackend
 __all__ = ["AgentBackend", "AgentRequest", "AgentResult", "Correction", "SimulateBackend", "Usage", "build_backends"]
 
 
-def build_backends(settings: Any) -> dict[str, AgentBackend]:
+def build_backends(settings: Any, *, on_retry: Any = None) -> dict[str, AgentBackend]:
     """The backends a server or CLI process offers, from configuration.
 
     simulate is always there; anthropic when an API key or a base URL is configured (the
     official SDK also reads ``ANTHROPIC_API_KEY``); claude-code when its optional extra is
-    installed.
+    installed. ``on_retry(request, event)`` hears about every transport retry.
     """
     import os
 
@@ -22,7 +22,7 @@ def build_backends(settings: Any) -> dict[str, AgentBackend]:
     if anthropic_config.api_key or anthropic_config.base_url or os.environ.get("ANTHROPIC_API_KEY"):
         from .anthropic import AnthropicBackend
 
-        backends["anthropic"] = AnthropicBackend.from_settings(settings)
+        backends["anthropic"] = AnthropicBackend.from_settings(settings, on_retry=on_retry)
     try:
         from .claude_code import ClaudeCodeBackend
     except ImportError:
@@ -31,5 +31,5 @@ def build_backends(settings: Any) -> dict[str, AgentBackend]:
         factory = getattr(ClaudeCodeBackend, "from_settings", None)
         available = getattr(ClaudeCodeBackend, "available", None)
         if factory is not None and (available is None or available()):
-            backends["claude-code"] = factory(settings)
+            backends["claude-code"] = factory(settings, on_retry=on_retry)
     return backends

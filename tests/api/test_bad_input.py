@@ -1,8 +1,8 @@
 """Bad input, table-driven: every rejected request answers the shared error shape and changes nothing.
 
-Each case runs against a server that already holds a completed run, a running run (its one
-agent sleeps far longer than the test) and a saved workflow; the store is snapshotted before
-the request and compared after it.
+The cases share one server that holds a completed run, a running run (its one agent sleeps far
+longer than the test) and a saved workflow; the store is snapshotted before each request and
+compared after it, so a case that changed anything fails (and cannot leak into the next).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import anyio
 import httpx
 import pytest
 
-from .conftest import Service, assert_error, serve, start_run, wait_done, wait_for_event
+from .conftest import assert_error, serve, start_run, wait_done, wait_for_event
 
 pytestmark = pytest.mark.anyio
 
@@ -48,9 +48,16 @@ class World:
         }
 
 
-@pytest.fixture
-async def world(service: Service) -> AsyncIterator[World]:
-    async with service.client("alice") as client, service.client("admin") as admin:
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    """Module-wide, so one server serves the whole table (the store snapshot keeps cases independent)."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    async with serve(tmp_path_factory.mktemp("bad-input")) as service, \
+            service.client("alice") as client, service.client("admin") as admin:
         with anyio.fail_after(20):
             done = await start_run(client, "return await agent('one quick agent')")
             await wait_done(client, done["id"])

@@ -47,7 +47,8 @@ for (let i = 0; i < 10; i++) {
 }
 return 'slow done';
 """
-SLOW_FLAGS = ("--simulate-latency-ms", "400")
+SLOW_LATENCY_MS = 400
+SLOW_FLAGS = ("--simulate-latency-ms", str(SLOW_LATENCY_MS))
 
 WORKFLOW_SCRIPT = """\
 export const meta = {
@@ -85,6 +86,20 @@ def submit_quietly(server: QuickflowServer, script: Path, *flags: str) -> str:
     run_id = ok(server.cli("submit", str(script), *flags)).stdout.strip()
     assert run_id.startswith("run_"), run_id
     return run_id
+
+
+def start_slow_run(server: QuickflowServer, script: Path) -> str:
+    """A run that takes a few seconds, started through the client (setup, not under test)."""
+    with server.client() as client:
+        body = {"script": script.read_text(), "options": {"simulate": {"latency_ms": SLOW_LATENCY_MS}}}
+        run_id: str = client.create_run(body)["id"]
+    return run_id
+
+
+def status_of(server: QuickflowServer, run_id: str) -> str:
+    with server.client() as client:
+        status: str = client.get_run(run_id)["status"]
+    return status
 
 
 # --- submit -------------------------------------------------------------------------------------
@@ -143,7 +158,8 @@ def test_idempotency_key_returns_the_first_run(module_server: QuickflowServer, s
 
 
 def test_runs_show_and_logs_of_a_finished_run(module_server: QuickflowServer, scripts: dict[str, Path]) -> None:
-    run_id = json.loads(ok(module_server.cli("submit", str(scripts["ok"]), "--wait", "--json")).stdout)["id"]
+    with module_server.client() as client:
+        run_id = client.create_run({"script": scripts["ok"].read_text()}, wait=True)["id"]
 
     table = ok(module_server.cli("runs", "--limit", "50")).stdout
     assert run_id in table and "completed" in table
@@ -187,9 +203,9 @@ def test_logs_follow_exits_with_the_run_code(module_server: QuickflowServer, scr
 
 
 def test_pause_then_resume_completes(module_server: QuickflowServer, scripts: dict[str, Path]) -> None:
-    run_id = submit_quietly(module_server, scripts["slow"], *SLOW_FLAGS)
+    run_id = start_slow_run(module_server, scripts["slow"])
     assert ok(module_server.cli("pause", run_id)).stdout.strip() == f"{run_id} paused"
-    assert json.loads(ok(module_server.cli("show", run_id, "--json")).stdout)["status"] == "paused"
+    assert status_of(module_server, run_id) == "paused"
 
     # Resuming a paused run continues it; it is not a new run.
     result = ok(module_server.cli("resume", run_id, "--wait", "--json"))
@@ -216,7 +232,7 @@ def test_cancel_ends_a_followed_run(module_server: QuickflowServer, scripts: dic
             follower.wait()
     assert follower.returncode == 1, err
     assert "run cancelled: cancelled by request" in err
-    assert json.loads(ok(module_server.cli("show", run_id, "--json")).stdout)["status"] == "cancelled"
+    assert status_of(module_server, run_id) == "cancelled"
 
     # Controls on an ended run do not apply: exit 1 with the server's reason.
     again = ok(module_server.cli("pause", run_id), 1)
@@ -236,7 +252,8 @@ def test_resume_from_an_ended_run_with_an_edited_script(module_server: Quickflow
     # Every agent came from the journal: none ran live, no tokens were spent.
     assert resumed["usage"]["agents"] == {"total": 2, "cached": 2}
     assert resumed["usage"]["tokens"]["output"] == 0
-    record = json.loads(ok(module_server.cli("show", resumed["id"], "--json")).stdout)
+    with module_server.client() as client:
+        record = client.get_run(resumed["id"])
     assert record["resume_from"] == source["id"] and record["resume_mode"] == "reuse"
 
     # Without --wait, a new run's id is printed (and it is a different run).
@@ -245,7 +262,7 @@ def test_resume_from_an_ended_run_with_an_edited_script(module_server: Quickflow
 
 
 def test_resume_of_a_running_run_is_refused(module_server: QuickflowServer, scripts: dict[str, Path]) -> None:
-    run_id = submit_quietly(module_server, scripts["slow"], *SLOW_FLAGS)
+    run_id = start_slow_run(module_server, scripts["slow"])
     try:
         refused = ok(module_server.cli("resume", run_id), 1)
         assert f"cannot resume run '{run_id}': it is running" in refused.stderr
