@@ -24,7 +24,6 @@ from rich.console import Console
 from rich.table import Table
 
 from runtime import Engine, MemoryStore, RunRecord, RunRequest, load_settings
-from runtime.backends import build_backends
 from runtime.errors import QuickflowError
 from runtime.options import BACKENDS
 from runtime.state import RunStatus
@@ -227,11 +226,7 @@ def run(script: str, args_text: str | None, workflows_dir: Path | None, as_json:
 
 async def _run_local(name: str, request: RunRequest, workflows_dir: Path | None, as_json: bool, quiet: bool) -> int:
     settings = load_settings()
-    try:
-        backends = build_backends(settings)
-    except QuickflowError as exc:
-        return fail(exc)
-    async with Engine(settings, MemoryStore(), backends=backends, recover=False) as engine:
+    async with Engine(settings, MemoryStore(), recover=False) as engine:
         if workflows_dir is not None:
             await engine.load_workflows_dir(workflows_dir)
         try:
@@ -406,7 +401,7 @@ def submit(script: str, args_text: str | None, wait: bool, follow: bool, as_json
     body = request_body(args_text, flags, script=source)
     client = connect(url, token)
     with client, reported(name):
-        create = lambda wait_: client.create_run(body, wait=wait_, idempotency_key=idempotency_key)  # noqa: E731
+        create = lambda wait_: client.create_run(body, wait=wait_, idempotency_key=idempotency_key)
         sys.exit(launch(client, create, wait=wait, follow=follow, as_json=as_json, quiet=quiet))
 
 
@@ -528,7 +523,7 @@ def show(run_id: str, with_agents: bool, as_json: bool, url: str | None, token: 
             table.add_column(column, justify="right" if column in ("#", "attempts", "tokens out") else "left")
         for a in agents:
             table.add_row(str(a["index"]), a["status"], a.get("label") or "", a.get("phase") or "",
-                          a.get("model") or "", str(a.get("attempts", 0)), str((a.get("usage") or {}).get("output", 0)))
+                          a.get("model") or "", str(a.get("attempts", 0)), str((a.get("usage") or {}).get("output_tokens", 0)))
         click.echo()
         console.print(table)
     if record["status"] == "completed":
@@ -660,7 +655,7 @@ def resume(run_id: str, script_path: str | None, mode: str | None, args_text: st
             click.echo(json.dumps(record) if as_json else f"{record['id']} {record['status']}")
             return
         body = request_body(args_text, flags, resume_from=run_id, resume_mode=mode or "reuse", script=source)
-        create = lambda wait_: client.create_run(body, wait=wait_, idempotency_key=idempotency_key)  # noqa: E731
+        create = lambda wait_: client.create_run(body, wait=wait_, idempotency_key=idempotency_key)
         sys.exit(launch(client, create, wait=wait, follow=follow, as_json=as_json, quiet=quiet))
 
 
@@ -777,7 +772,7 @@ def workflows_run(name: str, args_text: str | None, wait: bool, follow: bool, as
     body = request_body(args_text, flags)
     client = connect(url, token)
     with client, reported(name):
-        create = lambda wait_: client.run_workflow(name, body, wait=wait_, idempotency_key=idempotency_key)  # noqa: E731
+        create = lambda wait_: client.run_workflow(name, body, wait=wait_, idempotency_key=idempotency_key)
         sys.exit(launch(client, create, wait=wait, follow=follow, as_json=as_json, quiet=quiet))
 
 

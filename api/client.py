@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Self, cast
 from urllib.parse import quote
 
 import httpx
@@ -79,7 +79,7 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -93,7 +93,8 @@ class Client:
 
     def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                  json_body: Any = None, headers: Mapping[str, str] | None = None,
-                 timeout: httpx.Timeout | None = None) -> Any:
+                 timeout: httpx.Timeout | None = None) -> dict[str, Any]:
+        """One request; the response's JSON object ({} for 204). Non-2xx raises ApiError."""
         kwargs: dict[str, Any] = {}
         if timeout is not None:
             kwargs["timeout"] = timeout
@@ -106,8 +107,8 @@ class Client:
         if response.status_code >= 400:
             raise _error_from(response)
         if response.status_code == 204 or not response.content:
-            return None
-        return response.json()
+            return {}
+        return cast(dict[str, Any], response.json())
 
     # --- runs ---------------------------------------------------------------------------------
 
@@ -152,8 +153,7 @@ class Client:
             raise ServerUnreachable(self.base_url, _reason(exc)) from exc
 
     def list_agents(self, run_id: str) -> list[dict[str, Any]]:
-        agents: list[dict[str, Any]] = self._request("GET", f"/v1/runs/{_seg(run_id)}/agents")["agents"]
-        return agents
+        return cast(list[dict[str, Any]], self._request("GET", f"/v1/runs/{_seg(run_id)}/agents")["agents"])
 
     def get_agent(self, run_id: str, index: int) -> dict[str, Any]:
         return self._request("GET", f"/v1/runs/{_seg(run_id)}/agents/{int(index)}")
@@ -182,8 +182,7 @@ class Client:
         return self._request("POST", "/v1/check", json_body={"script": script, "require_meta": require_meta})
 
     def list_workflows(self) -> list[dict[str, Any]]:
-        workflows: list[dict[str, Any]] = self._request("GET", "/v1/workflows")["workflows"]
-        return workflows
+        return cast(list[dict[str, Any]], self._request("GET", "/v1/workflows")["workflows"])
 
     def get_workflow(self, name: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/workflows/{_seg(name)}")

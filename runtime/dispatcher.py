@@ -59,7 +59,7 @@ class Dispatcher:
         max_result_bytes: int = 1024 * 1024,
         cost: Callable[[str, Usage], float] | None = None,
     ) -> None:
-        self.backends = dict(backends)
+        self.backends = backends  # shared with the engine, which adds configured backends at start
         self._limiter = anyio.CapacityLimiter(server_concurrency)
         self._max_result_bytes = max_result_bytes
         self._cost = cost

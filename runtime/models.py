@@ -13,11 +13,13 @@ the defaults. An unknown model costs 0.0 rather than failing: cost is reporting,
 from __future__ import annotations
 
 import functools
+import importlib.util
 import re
 import typing
+from pathlib import Path
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .backends._protocol import Usage
 
@@ -57,14 +59,33 @@ _OLD_STYLE = re.compile(r"^claude-(?P<major>\d+)(?:-(?P<minor>\d{1,2}))?-(?P<fam
 
 def sdk_model_ids() -> tuple[str, ...]:
     """Model ids listed in the installed SDK's ``anthropic.types.Model`` literal (may be empty)."""
-    try:
-        from anthropic.types import Model
-    except ImportError:  # pragma: no cover - anthropic is a core dependency
-        return ()
+    Model = _sdk_model_type()
     ids: list[str] = []
     for arg in typing.get_args(Model):
         ids.extend(value for value in typing.get_args(arg) if isinstance(value, str))
     return tuple(ids)
+
+
+def _sdk_model_type() -> Any:
+    # The literal lives in anthropic/types/model.py, which needs only `typing`. Loading that one
+    # file takes milliseconds; importing the `anthropic` package takes over a second.
+    spec = importlib.util.find_spec("anthropic")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(location) / "types" / "model.py"
+        if path.is_file():
+            module_spec = importlib.util.spec_from_file_location("_quickflow_anthropic_model", path)
+            if module_spec is not None and module_spec.loader is not None:
+                module = importlib.util.module_from_spec(module_spec)
+                try:
+                    module_spec.loader.exec_module(module)
+                    return module.Model
+                except Exception:  # an SDK layout we do not know: fall back to the import
+                    break
+    try:
+        from anthropic.types import Model
+    except ImportError:  # pragma: no cover - anthropic is a core dependency
+        return None
+    return Model
 
 
 def _parse(model_id: str) -> tuple[str, tuple[int, int], bool] | None:

@@ -425,7 +425,10 @@ class Run:
         phase_title = f"▸ {group}" if group else (payload.get("phase") or NO_PHASE)
         stats = self.enter_phase(phase_title)
         recovered = self._recovery.lookup(key, occurrence) if self._recovery else None
-        cached = recovered or (self._plan.lookup(key, occurrence) if self._plan else None)
+        # The resume plan sees every call in issue order, recovered ones included: after a crash,
+        # prefix mode must break at the same call as before it.
+        planned = self._plan.lookup(key, occurrence) if self._plan else None
+        cached = recovered or planned
         index = recovered.index if recovered else self._take_index()
         call = LiveCall(index, key, occurrence, prompt, options, payload.get("label") or default_label(prompt),
                         stats.title,
@@ -435,8 +438,7 @@ class Run:
             return True, await self._serve_cached(call, cached, same_run=recovered is not None)
         self._count(call, None, AgentStatus.QUEUED)
         self.events.emit(EventType.AGENT_QUEUED, call.event_data(prompt_preview=_preview(prompt)))
-        outcome = await self._run_call(call, schema)
-        return await self._settle_call(call, outcome)
+        return await self._run_call(call, schema)
 
     def _take_index(self) -> int:
         while self._next_index in self.calls:
@@ -450,28 +452,35 @@ class Run:
         call.attempt = source.attempts
         call.model = source.model or call.model
         call.started_at, call.finished_at = source.started_at, source.finished_at
-        self._count(call, None, AgentStatus.CACHED if not same_run else AgentStatus.COMPLETED)
+        # Recovery keeps the journaled status: completed, or cached from this run's resume source.
+        self._count(call, None, AgentStatus(source.status) if same_run else AgentStatus.CACHED)
         if same_run:
             # Recovery: the tokens were spent by this very run, before the crash.
             call.usage = Usage.from_dict(source.usage)
             call.cost_usd = source.cost_usd
+            call.transcript = list(source.transcript)
             self._account(call)
         else:
-            await self.ctx.store.save_call(replace(call.record(self.id), transcript=[{"cached_from": source.run_id,
-                                                                                    "index": source.index}]))
+            # On the live call too, so GET agents shows the same record before and after a restart.
+            call.transcript = [{"cached_from": source.run_id, "index": source.index}]
+            await self.ctx.store.save_call(call.record(self.id))
         self.events.emit(EventType.AGENT_CACHED, call.event_data(tokens=0, result_preview=_preview(call.output),
                                                                  recovered=same_run))
         return call.output
 
-    async def _run_call(self, call: LiveCall, schema: Any) -> AgentOutcome | None:
-        """Queue, wait while paused, execute; None when the agent was stopped."""
+    async def _run_call(self, call: LiveCall, schema: Any) -> tuple[bool, Any]:
+        """Queue, wait while paused, execute, settle.
+
+        The slot is held until the outcome is journaled: at most ``concurrency`` calls of a run are
+        ever executed but not yet durable, so a crash re-executes at most that many.
+        """
         backend = self._backend_for(call)
         # A stop while the call waits for a slot or for the run to resume ends the wait at once.
         call.scope = anyio.CancelScope()
         with call.scope:
             await self._limiter.acquire()
         if call.scope.cancelled_caught:
-            return None
+            return await self._settle_call(call, None)
         try:
             while True:
                 call.scope = anyio.CancelScope()
@@ -479,7 +488,7 @@ class Run:
                     while not self._unpaused.is_set():
                         await self._unpaused.wait()
                 if call.stop_requested:
-                    return None
+                    return await self._settle_call(call, None)
                 request = AgentRequest(
                     run_id=self.id,
                     index=call.index,
@@ -509,8 +518,8 @@ class Run:
                     self.events.emit(EventType.AGENT_RETRYING, call.event_data(reason="restarted by request"))
                     continue
                 if call.stop_requested:
-                    return None
-                return outcome
+                    return await self._settle_call(call, None)
+                return await self._settle_call(call, outcome)
         finally:
             call.scope = None
             self._limiter.release()

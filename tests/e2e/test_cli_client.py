@@ -47,8 +47,9 @@ for (let i = 0; i < 10; i++) {
 }
 return 'slow done';
 """
+# Runs that end on their own take 10 × 400 ms; runs a test cancels may take long (no race with the CLI's start).
 SLOW_LATENCY_MS = 400
-SLOW_FLAGS = ("--simulate-latency-ms", str(SLOW_LATENCY_MS))
+CANCELLED_LATENCY_MS = 3000
 
 WORKFLOW_SCRIPT = """\
 export const meta = {
@@ -88,10 +89,10 @@ def submit_quietly(server: QuickflowServer, script: Path, *flags: str) -> str:
     return run_id
 
 
-def start_slow_run(server: QuickflowServer, script: Path) -> str:
+def start_slow_run(server: QuickflowServer, script: Path, latency_ms: int = SLOW_LATENCY_MS) -> str:
     """A run that takes a few seconds, started through the client (setup, not under test)."""
     with server.client() as client:
-        body = {"script": script.read_text(), "options": {"simulate": {"latency_ms": SLOW_LATENCY_MS}}}
+        body = {"script": script.read_text(), "options": {"simulate": {"latency_ms": latency_ms}}}
         run_id: str = client.create_run(body)["id"]
     return run_id
 
@@ -170,6 +171,10 @@ def test_runs_show_and_logs_of_a_finished_run(module_server: QuickflowServer, sc
     shown = ok(module_server.cli("show", run_id, "--agents")).stdout
     assert f"run       {run_id}" in shown and "status    completed" in shown
     assert "Gather" in shown and "first" in shown and "second" in shown
+    with module_server.client() as client:
+        first_agent = client.get_agent(run_id, 0)
+    agent_row = next(line for line in shown.splitlines() if line.split()[:3] == ["0", "completed", "first"])
+    assert agent_row.split()[-1] == str(first_agent["usage"]["output_tokens"]) != "0"
     assert '"count": 2' in shown
     record = json.loads(ok(module_server.cli("show", run_id, "--json")).stdout)
     assert [p["title"] for p in record["usage"]["phases"]] == ["Gather", "Report"]
@@ -185,7 +190,10 @@ def test_runs_show_and_logs_of_a_finished_run(module_server: QuickflowServer, sc
 
 
 def test_logs_follow_a_running_run(module_server: QuickflowServer, scripts: dict[str, Path]) -> None:
-    run_id = submit_quietly(module_server, scripts["slow"], *SLOW_FLAGS)
+    run_id = start_slow_run(module_server, scripts["slow"])
+    # Without -f: the events so far, then exit 0 while the run goes on.
+    snapshot = ok(module_server.cli("logs", run_id)).stdout.splitlines()
+    assert snapshot[0] == "▶ Slow"
     result = ok(module_server.cli("logs", "-f", run_id))
     lines = result.stdout.splitlines()
     assert lines[0] == "▶ Slow" and lines[-1] == "step 9"
@@ -203,7 +211,7 @@ def test_logs_follow_exits_with_the_run_code(module_server: QuickflowServer, scr
 
 
 def test_pause_then_resume_completes(module_server: QuickflowServer, scripts: dict[str, Path]) -> None:
-    run_id = start_slow_run(module_server, scripts["slow"])
+    run_id = start_slow_run(module_server, scripts["slow"], latency_ms=600)
     assert ok(module_server.cli("pause", run_id)).stdout.strip() == f"{run_id} paused"
     assert status_of(module_server, run_id) == "paused"
 
@@ -213,10 +221,9 @@ def test_pause_then_resume_completes(module_server: QuickflowServer, scripts: di
     assert final["id"] == run_id and final["status"] == "completed" and final["result"] == "slow done"
 
 
-
 def test_cancel_ends_a_followed_run(module_server: QuickflowServer, scripts: dict[str, Path]) -> None:
     follower = subprocess.Popen(
-        [*CLI, "submit", str(scripts["slow"]), *SLOW_FLAGS, "--follow"],
+        [*CLI, "submit", str(scripts["slow"]), "--simulate-latency-ms", str(CANCELLED_LATENCY_MS), "--follow"],
         env=module_server.cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -225,7 +232,7 @@ def test_cancel_ends_a_followed_run(module_server: QuickflowServer, scripts: dic
         assert first[0] == "run" and first[1].startswith("run_"), first
         run_id = first[1]
         assert ok(module_server.cli("cancel", run_id)).stdout.strip() == f"{run_id} cancelled"
-        out, err = follower.communicate(timeout=60)
+        _, err = follower.communicate(timeout=60)
     finally:
         if follower.poll() is None:
             follower.kill()
@@ -262,7 +269,7 @@ def test_resume_from_an_ended_run_with_an_edited_script(module_server: Quickflow
 
 
 def test_resume_of_a_running_run_is_refused(module_server: QuickflowServer, scripts: dict[str, Path]) -> None:
-    run_id = start_slow_run(module_server, scripts["slow"])
+    run_id = start_slow_run(module_server, scripts["slow"], latency_ms=CANCELLED_LATENCY_MS)
     try:
         refused = ok(module_server.cli("resume", run_id), 1)
         assert f"cannot resume run '{run_id}': it is running" in refused.stderr
