@@ -78,6 +78,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, (ValueError, RecursionError)):
+        # FastAPI reports a body it could not decode (not UTF-8, nested past the recursion
+        # limit) as a bare 400 "error parsing the body"; for the client it is invalid JSON.
+        reason = "it is not UTF-8" if isinstance(cause, UnicodeDecodeError) else (
+            "it is nested too deeply" if isinstance(cause, RecursionError) else str(cause))
+        return error_response(400, "invalid_json", f"the request body is not valid JSON: {reason}")
     codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 401: "unauthorized"}
     return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
                           headers=getattr(exc, "headers", None))

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from runtime import CallRecord, RunRecord, RunRequest
 
 __all__ = ["CheckBody", "RunCreate", "WorkflowPut", "WorkflowRunCreate", "agent_json", "run_json"]
+
+
+def _json_numbers_only(value: Any) -> Any:
+    """Refuse NaN and ±Infinity: Python's json module parses them, but they are not JSON and
+    the isolate cannot receive them (the run would fail later with a SyntaxError)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{item} is not a JSON number (NaN and Infinity are not JSON)")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
 
 
 class RunCreate(BaseModel):
@@ -25,6 +41,8 @@ class RunCreate(BaseModel):
     resume_from: str | None = Field(None, description="Replay this run's journal (its script and args by default).")
     resume_mode: Literal["reuse", "prefix"] = "reuse"
     idempotency_key: str | None = Field(None, max_length=200)
+
+    _finite = field_validator("args", "options")(_json_numbers_only)
 
     def to_request(self, idempotency_header: str | None = None) -> RunRequest:
         return RunRequest(
@@ -45,6 +63,8 @@ class WorkflowRunCreate(BaseModel):
     args: Any = None
     options: dict[str, Any] | None = None
     idempotency_key: str | None = Field(None, max_length=200)
+
+    _finite = field_validator("args", "options")(_json_numbers_only)
 
 
 class CheckBody(BaseModel):

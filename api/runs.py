@@ -49,7 +49,7 @@ async def post_run(
     caller: Caller,
     response: Response,
     wait: bool = Query(False, description="Block until the run ends and return it with its result."),
-    idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
 ) -> dict[str, Any]:
     """Check the script, then start it. 422 with ``details.diagnostics`` when the checks refuse it."""
     return await create_run(engine, caller, body, wait, idempotency_key, response)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -40,7 +40,9 @@ async def check(body: CheckBody, engine: EngineDep, caller: Annotated[Principal,
 
 @router.get("/", include_in_schema=False, response_class=HTMLResponse)
 async def dashboard() -> HTMLResponse:
-    page = resources.files("api").joinpath("static/index.html").read_text(encoding="utf-8")
+    # Next to this module, not importlib.resources: `api` has no __init__.py, and for a namespace
+    # package under an editable install resources.files() raises NotADirectoryError.
+    page = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
     return HTMLResponse(page)
 
 

@@ -61,7 +61,7 @@ async def run_workflow(
     caller: Caller,
     response: Response,
     wait: bool = Query(False),
-    idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
 ) -> dict[str, Any]:
     fields = body.model_dump(exclude_unset=True)
     create = RunCreate(workflow=name, **fields)

@@ -47,6 +47,7 @@
   let nextId = 1;
   let done = null; // set once the script's main promise settles
   let currentPhase = null;
+  let currentPriority = null; // [stage, item] while a pipeline stage runs synchronously
   let logLines = 0;
   const state = {
     maxAgents: 1000, maxItems: 4096, maxLogLines: 10000, depth: 0,
@@ -168,6 +169,7 @@
     const payload = checked.options;
     payload.prompt = prompt;
     if (payload.phase === undefined && currentPhase !== null) payload.phase = currentPhase;
+    if (currentPriority !== null) payload.priority = currentPriority;
     if (checked.unknown.length) payload.unknown = checked.unknown;
     return qf$request('agent', payload);
   }
@@ -213,7 +215,17 @@
       let value = item;
       for (let s = 0; s < stages.length; s++) {
         try {
-          value = await stages[s](value, item, i);
+          // Agents started synchronously by this stage carry [stage, item] so the host can
+          // let items stream through: later stages first, then lower item indices.
+          const outer = currentPriority;
+          currentPriority = [s, i];
+          let pending;
+          try {
+            pending = stages[s](value, item, i);
+          } finally {
+            currentPriority = outer;
+          }
+          value = await pending;
         } catch (err) {
           qf$failure(`pipeline[${i}] failed: ${qf$message(err)}`);
           return null;

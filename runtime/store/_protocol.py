@@ -6,6 +6,8 @@ Ordering and durability contract:
   everything queued before it (events included) is committed. So an agent's result is durable
   before the script sees it, and the events describing it are at least as durable.
 - Reads see every write that returned before the read began.
+- A record handed to the store is the store's: the caller does not mutate it (or the dicts it
+  holds) afterwards, so a store may encode it later, off the event loop.
 """
 
 from __future__ import annotations

@@ -88,10 +88,22 @@ class _Write:
     params: tuple[Any, ...] = ()
     rows: list[_Row] | None = None
     waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[int]] | None = None
+    # Records encoded to rows by the writer thread, keeping JSON encoding off the event loop.
+    records: Sequence[Any] | None = None
+    encode: Callable[[Any], _Row] | None = None
 
     def run(self, conn: sqlite3.Connection) -> int:
+        if self.records is not None and self.encode is not None:
+            cursor = conn.executemany(self.sql, [self.encode(r) for r in self.records])
+            return cursor.rowcount
         cursor = conn.execute(self.sql, self.params) if self.rows is None else conn.executemany(self.sql, self.rows)
         return cursor.rowcount
+
+    @property
+    def event_count(self) -> int:
+        if self.sql != _INSERT_EVENT:
+            return 0
+        return len(self.records if self.records is not None else self.rows or ())
 
 
 class _WriteFailed(Exception):
@@ -341,6 +353,12 @@ class SQLiteStore:
                 raise RuntimeError(f"the writer of the store {self._path} has stopped; see the log")
             self._queue.put(write)
 
+    async def _write_records(self, sql: str, records: Sequence[Any], encode: Callable[[Any], _Row], what: str) -> int:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._enqueue(_Write(sql, what, records=records, encode=encode, waiter=(loop, future)))
+        return await future
+
     async def _write(self, sql: str, params: _Row, what: str) -> int:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
@@ -361,14 +379,11 @@ class SQLiteStore:
             raise
 
     async def save_call(self, call: CallRecord) -> None:
-        await self._write(_SAVE_CALL, _call_params(call), f"call {call.run_id}#{call.index}")
+        await self._write_records(_SAVE_CALL, (call,), _call_params, f"call {call.run_id}#{call.index}")
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
-        rows = [_event_params(e) for e in events]
-        if not rows:
-            return
-        run_ids = sorted({row[0] for row in rows})
-        self._enqueue(_Write(_INSERT_EVENT, f"{len(rows)} events of run(s) {', '.join(run_ids)}", rows=rows))
+        if events:
+            self._enqueue(_Write(_INSERT_EVENT, "events", records=events, encode=_event_params))
 
     async def save_workflow(self, workflow: WorkflowRecord) -> None:
         await self._write(_SAVE_WORKFLOW, _workflow_params(workflow), f"workflow {workflow.name}")
@@ -461,7 +476,7 @@ class SQLiteStore:
         """Count the outcomes, log failed event batches, and wake the waiters (one call per loop)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int, BaseException | None]]] = {}
         for write, result, error in outcomes:
-            events = len(write.rows) if write.rows is not None else 0
+            events = write.event_count
             if error is None:
                 self._writes += 1
                 self._events += events

@@ -8,7 +8,16 @@ import anyio
 import httpx
 import pytest
 
-from .conftest import ADMIN, ALICE, BOB, Service, assert_error, start_run, wait_done, wait_for_event
+from .conftest import (
+    ADMIN,
+    ALICE,
+    BOB,
+    Service,
+    assert_error,
+    start_run,
+    wait_done,
+    wait_for_event,
+)
 
 pytestmark = pytest.mark.anyio
 
