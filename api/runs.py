@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from sse_starlette.sse import EventSourceResponse
 
 from runtime import Engine, RunRecord
-from runtime.errors import InvalidRequest
+from runtime.errors import InvalidRequest, RunNotFound
 from runtime.state import RunStatus
 
 from .auth import Principal, principal
@@ -63,6 +63,11 @@ async def list_runs(
     limit: int = Query(50, ge=1, le=500),
     before: str | None = Query(None, description="Cursor: the `next` value of the previous page."),
 ) -> dict[str, Any]:
+    if before is not None:
+        try:
+            await engine.get_run(before, owner=caller.owner_filter)
+        except RunNotFound as exc:
+            raise InvalidRequest(f"unknown cursor {before!r}: pass the `next` value of a previous page") from exc
     records = await engine.store.list_runs(
         owner=caller.owner_filter, status=status.value if status else None, limit=limit + 1, before=before
     )

@@ -34,6 +34,7 @@ from .dispatcher import Dispatcher
 from .errors import (
     AgentNotFound,
     ConfigError,
+    Conflict,
     InvalidRunState,
     InvalidRequest,
     ResumeConflict,
@@ -155,6 +156,12 @@ class Engine:
         if request.idempotency_key:
             existing = await self.store.find_run_by_idempotency_key(owner, request.idempotency_key)
             if existing is not None:
+                if _differs(existing, request):
+                    raise Conflict(
+                        f"idempotency key {request.idempotency_key!r} was used for run {existing.id} with a "
+                        "different script, workflow or args; use a new key for a new request",
+                        details={"run_id": existing.id},
+                    )
                 return existing
         options = RunOptions.parse(request.options, self.limits, default_backend=self.settings.backend_name())
         if options.effective_backend not in self.backends:
@@ -392,6 +399,14 @@ class Engine:
                 continue
             loaded.append(record.name)
         return loaded
+
+
+def _differs(existing: RunRecord, request: RunRequest) -> bool:
+    if request.script is not None and request.script != existing.script:
+        return True
+    if request.workflow is not None and request.workflow != existing.workflow:
+        return True
+    return request.has_args and (not existing.has_args or request.args != existing.args)
 
 
 def _new_run_id() -> str:

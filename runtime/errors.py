@@ -13,6 +13,7 @@ each class to a status code and the shared error shape in exactly one place
     │   └── WorkflowNotFound
     ├── Conflict                                                            (409)
     │   ├── InvalidRunState       a control does not apply in this state
+    │   ├── InvalidAgentState     an agent control does not apply in the agent's state
     │   └── ResumeConflict        the source run still has live agents
     ├── Unauthorized                                                        (401)
     ├── ConfigError               the configuration cannot be used
@@ -39,6 +40,7 @@ __all__ = [
     "WorkflowNotFound",
     "Conflict",
     "InvalidRunState",
+    "InvalidAgentState",
     "ResumeConflict",
     "Unauthorized",
     "ConfigError",
@@ -120,6 +122,18 @@ class InvalidRunState(Conflict):
     def __init__(self, run_id: str, status: str, action: str) -> None:
         super().__init__(f"cannot {action} run {run_id!r}: it is {status}")
         self.run_id = run_id
+        self.status = status
+
+
+class InvalidAgentState(Conflict):
+    code = "invalid_agent_state"
+
+    def __init__(self, run_id: str, index: int, status: str, action: str, allowed: str) -> None:
+        super().__init__(
+            f"cannot {action} agent {index} of run {run_id!r}: the agent is {status} (only {allowed} agents can be)"
+        )
+        self.run_id = run_id
+        self.index = index
         self.status = status
 
 

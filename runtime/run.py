@@ -25,11 +25,12 @@ from sandbox import Isolate, IsolateLimits, ScriptFailure, check_script
 
 from .backends import AgentRequest, Usage
 from .dispatcher import AgentOutcome, Dispatcher
-from .errors import AgentNotFound, InvalidRunState
+from .errors import AgentNotFound, InvalidAgentState, InvalidRunState
 from .events import EventLog, EventType
 from .journal import Occurrences, ResumePlan, call_key
 from .limits import Limits
 from .options import RunOptions
+from .scheduling import PriorityLimiter
 from .schema import schema_problem
 from .state import AgentStatus, RunStatus, can_transition
 from .store import CallRecord, RunRecord, Store, WorkflowRecord
@@ -52,6 +53,13 @@ def _preview(value: Any) -> str:
 
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
+
+
+def _priority(hint: Any, index: int) -> tuple[int, ...]:
+    """``[stage, item]`` from a pipeline stage → later stages first, then lower items; else FIFO."""
+    if isinstance(hint, list) and len(hint) == 2 and all(isinstance(x, int) for x in hint):
+        return (-hint[0], hint[1], index)
+    return (0, 0, index)
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,8 @@ class LiveCall:
     finished_at: float | None = None
     transcript: list[Any] = field(default_factory=list)
     scope: anyio.CancelScope | None = None
+    # Queue order on the run's limiter: later pipeline stages first, then lower item indices.
+    priority: tuple[int, ...] = ()
     stop_requested: bool = False
     restart_requested: bool = False
 
@@ -179,7 +189,7 @@ class Run:
         self._next_index = first_index
         self.calls: dict[int, LiveCall] = {}
         self._occurrences = Occurrences()
-        self._limiter = anyio.CapacityLimiter(options.concurrency)
+        self._limiter = PriorityLimiter(options.concurrency)
         self._unpaused = anyio.Event()
         self._unpaused.set()
         self._cancel_scope: anyio.CancelScope | None = None
@@ -231,10 +241,11 @@ class Run:
         now = time.time()
         for call in self.calls.values():
             if not call.status.terminal:
-                call.status = AgentStatus.STOPPED
+                self._count(call, call.status, AgentStatus.STOPPED)
                 call.error = "the run ended before this agent finished"
                 call.finished_at = now
                 await self.ctx.store.save_call(call.record(self.id))
+                self.events.emit(EventType.AGENT_STOPPED, call.event_data(reason=call.error))
         for stats in self.phases.values():
             if stats.started_at and not stats.finished_at:
                 stats.finished_at = now
@@ -318,24 +329,24 @@ class Run:
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
-    def _live_call(self, index: int, action: str) -> LiveCall:
+    def _call(self, index: int) -> LiveCall:
         call = self.calls.get(index)
         if call is None:
             raise AgentNotFound(self.id, index)
-        if call.status.terminal:
-            raise InvalidRunState(self.id, f"agent {index} is {call.status.value}", action)
         return call
 
     def stop_agent(self, index: int) -> None:
-        call = self._live_call(index, f"stop agent {index} of")
+        call = self._call(index)
+        if call.status.terminal:
+            raise InvalidAgentState(self.id, index, call.status.value, "stop", "queued or running")
         call.stop_requested = True
         if call.scope is not None:
             call.scope.cancel()
 
     def restart_agent(self, index: int) -> None:
-        call = self._live_call(index, f"restart agent {index} of")
+        call = self._call(index)
         if call.status is not AgentStatus.RUNNING or call.scope is None or call.restart_requested:
-            raise InvalidRunState(self.id, f"agent {index} is {call.status.value}", f"restart agent {index} of")
+            raise InvalidAgentState(self.id, index, call.status.value, "restart", "running")
         call.restart_requested = True
         call.scope.cancel()
 
@@ -434,6 +445,7 @@ class Run:
                         stats.title,
                         model=self.ctx.resolve_model(payload.get("model"), self.options.model, agent_type))
         self.calls[index] = call
+        call.priority = _priority(payload.get("priority"), index)
         if cached is not None:
             return True, await self._serve_cached(call, cached, same_run=recovered is not None)
         self._count(call, None, AgentStatus.QUEUED)
@@ -478,7 +490,7 @@ class Run:
         # A stop while the call waits for a slot or for the run to resume ends the wait at once.
         call.scope = anyio.CancelScope()
         with call.scope:
-            await self._limiter.acquire()
+            await self._limiter.acquire(call.priority)
         if call.scope.cancelled_caught:
             return await self._settle_call(call, None)
         try:

@@ -59,7 +59,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     async with serve(tmp_path_factory.mktemp("bad-input")) as service, \
             service.client("alice") as client, service.client("admin") as admin:
         with anyio.fail_after(20):
-            done = await start_run(client, "return await agent('one quick agent')")
+            done = await start_run(client, "return await agent('one quick agent')", idempotency_key="first")
             await wait_done(client, done["id"])
             running = await start_run(client, "return await agent('a very slow agent')",
                                       options={"simulate": {"latency_ms": 600_000}})
@@ -193,6 +193,10 @@ CASES = [
     Case("unknown-workflow-delete", "DELETE", "/v1/workflows/nope", 404, "workflow_not_found"),
     Case("unknown-workflow-by-body", "POST", RUN, 404, "workflow_not_found", json={"workflow": "nope"}),
     Case("unknown-route", "GET", "/v1/nothing-here", 404, "not_found"),
+    Case("unknown-list-cursor", "GET", "/v1/runs?before=run_doesnotexist", 422, "invalid_request",
+         check=_message_has("unknown cursor")),
+    Case("idempotency-key-reused-for-another-script", "POST", RUN, 409, "conflict",
+         json={"script": "return 2", "idempotency_key": "first"}, check=_message_has("different script")),
     # -- controls in the wrong state
     Case("pause-completed", "POST", "/v1/runs/<done>/pause", 409, "invalid_run_state"),
     Case("resume-completed", "POST", "/v1/runs/<done>/resume", 409, "invalid_run_state"),

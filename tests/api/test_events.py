@@ -207,7 +207,6 @@ async def cancel_while_agent_runs(client: httpx.AsyncClient) -> list[Message]:
     return messages
 
 
-@pytest.mark.xfail(strict=True, reason="runtime bug: Run.finish() marks in-flight agents stopped without an event")
 async def test_cancel_emits_a_terminal_event_for_each_in_flight_agent(alice: httpx.AsyncClient) -> None:
     """The agent's running -> stopped change is visible in GET agents, so followers must see it too (§3.4)."""
     with anyio.fail_after(20):

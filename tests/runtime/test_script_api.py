@@ -414,3 +414,21 @@ async def test_rejected_script_never_becomes_a_run() -> None:
     diagnostic = info.value.diagnostics[0]
     assert (diagnostic.line, diagnostic.column) == (1, 8)
     assert "TypeScript syntax is not supported" in diagnostic.message
+
+
+async def test_pipeline_items_stream_through_a_full_queue() -> None:
+    # Two slots, eight items, three stages: later stages take free slots first, so the first
+    # item is done before the last item even starts its first stage.
+    script = """return await pipeline([0, 1, 2, 3, 4, 5, 6, 7],
+  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
+  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}),
+  (_, i) => agent(`item ${i} stage 2`, {label: `i${i}-s2`}))"""
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(
+                RunRequest(script=script, options={"concurrency": 2, "simulate": {"latency_ms": 5}})
+            )
+            record = await engine.wait(record.id)
+            events = [(e.type, e.data.get("label")) for e in engine.live(record.id).events.history()]
+    assert record.status == "completed" and len(record.result) == 8
+    assert events.index(("agent.completed", "i0-s2")) < events.index(("agent.started", "i7-s0"))
