@@ -35,7 +35,7 @@ async def metrics(request: Request) -> PlainTextResponse:
 
 @router.post("/v1/check", tags=["system"], summary="Static diagnostics and meta for a script, without running it")
 async def check(body: CheckBody, engine: EngineDep, caller: Annotated[Principal, Depends(principal)]) -> dict[str, Any]:
-    return engine.check(body.script, require_meta=body.require_meta).to_dict()
+    return (await engine.check_async(body.script, require_meta=body.require_meta)).to_dict()
 
 
 @router.get("/", include_in_schema=False, response_class=HTMLResponse)

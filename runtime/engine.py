@@ -12,6 +12,7 @@ them: the next engine on the same store picks them up.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -92,7 +93,7 @@ class Engine:
             self.backends,
             server_concurrency=self.limits.server_concurrency,
             max_result_bytes=self.limits.agent_result_bytes,
-            cost=lambda model, usage: models.cost_usd(model, usage, prices=settings.prices, aliases=settings.models),
+            cost=self._cost_usd,
         )
         self.node = f"{os.uname().nodename}:{os.getpid()}"
         self._recover = recover
@@ -151,6 +152,10 @@ class Engine:
             raise ScriptRejected(result.errors)
         return result
 
+    async def check_async(self, script: str, *, require_meta: bool = False) -> CheckResult:
+        """The checks on a worker thread: parsing and compiling a large script takes a while."""
+        return await anyio.to_thread.run_sync(lambda: self.check(script, require_meta=require_meta))
+
     async def submit(self, request: RunRequest, *, owner: str = "local") -> RunRecord:
         """Validate and start a run. Raises ScriptRejected, InvalidRequest, NotFound or ResumeConflict."""
         if request.idempotency_key:
@@ -191,7 +196,9 @@ class Engine:
             script = saved.script
         if script is None:
             raise InvalidRequest("a run needs a script or the name of a saved workflow")
-        checked = self._checked(script)
+        checked = await self.check_async(script)
+        if not checked.ok:
+            raise ScriptRejected(checked.errors)
         if has_args:
             _check_args_size(args, self.limits.args_bytes)
         record = RunRecord(
@@ -279,6 +286,14 @@ class Engine:
             run = self._make_run(record, options, checked, plan=plan, recovered=completed, last_seq=last_seq,
                                  first_index=first_index)
             self._start(run)
+
+    @functools.cached_property
+    def _price_for(self) -> Any:
+        # One lookup per model for the engine's life: the tables are configuration.
+        return functools.cache(lambda model: models.price_for(model, self.settings.prices, aliases=self.settings.models))
+
+    def _cost_usd(self, model: str, usage: Any) -> float:
+        return models.usage_cost(self._price_for(model), usage)
 
     def _resolve_model(self, requested: str | None, run_model: str | None, agent_type: str | None = None) -> str:
         """The script's model, else the agent profile's, else the run's, else the server default."""

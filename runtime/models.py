@@ -32,6 +32,7 @@ __all__ = [
     "PriceLike",
     "choose_model",
     "cost_usd",
+    "usage_cost",
     "default_aliases",
     "newest_by_family",
     "price_for",
@@ -246,7 +247,11 @@ def cost_usd(
     aliases: Mapping[str, str] | None = None,
 ) -> float:
     """USD cost of ``usage`` on ``model``; 0.0 when the model has no known price."""
-    price = price_for(model, prices, aliases=aliases)
+    return usage_cost(price_for(model, prices, aliases=aliases), usage)
+
+
+def usage_cost(price: PriceLike | None, usage: Usage) -> float:
+    """USD cost of ``usage`` at ``price`` (per million tokens); 0.0 without a price."""
     if price is None:
         return 0.0
     total = (

@@ -1,6 +1,7 @@
 """Crash recovery, the acceptance test (SPEC §3.3): SIGKILL ``quickflow serve`` mid-run, start it again.
 
-The server runs as a real subprocess on port 0 with its data directory in ``tmp_path``. The
+The server is the shared ``server_factory`` fixture (``tests/e2e/conftest.py``): a real
+subprocess on port 0, its data directory under ``tmp_path``, restartable on it. The
 simulate backend appends one line per execution to ``QUICKFLOW_SIMULATE_RECORD``, across both
 processes, so the test counts how often each agent really ran. What was journaled at the kill
 is read straight from the SQLite file (read-only), not from the server's own account.
@@ -9,12 +10,8 @@ is read straight from the SQLite file (read-only), not from the server's own acc
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,6 +20,8 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+
+from .conftest import QuickflowServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -37,12 +36,6 @@ SCRIPT = (
 OPTIONS = {"backend": "simulate", "concurrency": CONCURRENCY, "simulate": {"latency_ms": 50}}
 
 
-def quickflow_command() -> list[str]:
-    """The installed ``quickflow`` script of this interpreter, else the same entry point through -m."""
-    script = Path(sys.executable).with_name("quickflow")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "api.cli"]
-
-
 def wait_for(what: str, check: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.02) -> T:
     """Poll ``check`` until it returns something other than None/False; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -55,100 +48,37 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = 20.0, in
         time.sleep(interval)
 
 
-class Server:
-    """One ``quickflow serve`` process on a data directory; start it again after a kill."""
+class Harness:
+    """The shared ``quickflow serve`` fixture plus what this test reads: the API, exec.log, the db file."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        self.data_dir = tmp_path / "data"
-        self.daemon_file = tmp_path / "daemon.json"
-        self.exec_log = tmp_path / "exec.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("QUICKFLOW_", "ANTHROPIC_"))}
-        self.env.update(
-            QUICKFLOW_DAEMON_FILE=str(self.daemon_file),
-            QUICKFLOW_SIMULATE_RECORD=str(self.exec_log),
-            QUICKFLOW_LOG_LEVEL="warning",
-            PYTHONUNBUFFERED="1",
-        )
-        self.proc: subprocess.Popen[str] | None = None
-        self.output: list[str] = []
-        self._reader: threading.Thread | None = None
-        self._listening = threading.Event()
-        self.client: httpx.Client | None = None
-        self.starts = 0
+    def __init__(self, server: QuickflowServer, exec_log: Path) -> None:
+        self.server = server
+        self.exec_log = exec_log
+        self._client: httpx.Client | None = None
+        self._client_for = ("", "")
 
     @property
     def http(self) -> httpx.Client:
-        assert self.client is not None, "the server is not running"
-        return self.client
+        # A restarted server has a new port and a new generated token.
+        if self._client is None or self._client_for != (self.server.url, self.server.token):
+            if self._client is not None:
+                self._client.close()
+            self._client = httpx.Client(base_url=self.server.url, timeout=15,
+                                        headers={"Authorization": f"Bearer {self.server.token}"})
+            self._client_for = (self.server.url, self.server.token)
+        return self._client
 
-    def start(self) -> None:
-        self._listening.clear()
-        self.proc = subprocess.Popen(
-            [*quickflow_command(), "serve", "--port", "0", "--data-dir", str(self.data_dir)],
-            env=self.env,
-            cwd=self.data_dir.parent,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.starts += 1
-        self._reader = threading.Thread(target=self._read, args=(self.proc,), name="serve-output")
-        self._reader.start()
-        # Readiness: the "listening" line, then /healthz (it answers once recovery has run).
-        if not self._listening.wait(30):
-            self.stop()
-            pytest.fail("quickflow serve did not start:\n" + "".join(self.output))
-        daemon = json.loads(self.daemon_file.read_text())
-        assert daemon["pid"] == self.proc.pid
-        self.client = httpx.Client(base_url=daemon["url"], timeout=15,
-                                   headers={"Authorization": f"Bearer {daemon['token']}"})
-        wait_for("/healthz", self._healthy)
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            pytest.fail(f"quickflow serve exited with {self.proc.returncode}:\n" + "".join(self.output))
-        try:
-            return self.http.get("/healthz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.output.append(line)
-            if line.startswith("quickflow listening on "):
-                self._listening.set()
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, like a crash or an OOM kill."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._close()
+        self.server.kill(signal.SIGKILL)
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._close()
-
-    def _close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self._reader is not None:
-            self._reader.join(10)
-            self._reader = None
-        self.proc = None
-
-    # --- API helpers ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start again on the same data dir; returns once /healthz answers (runs recovered)."""
+        self.server.start()
 
     def submit(self, **body: Any) -> dict[str, Any]:
         response = self.http.post("/v1/runs", json=body)
@@ -184,7 +114,8 @@ class Server:
 
     def journal(self, run_id: str) -> tuple[dict[str, str], str]:
         """(prompt -> status of every journaled call, run status) from the SQLite file, read-only."""
-        conn = sqlite3.connect(f"file:{self.data_dir / 'quickflow.db'}?mode=ro", uri=True)
+        db = self.server.data_dir / "quickflow.db"
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
             calls = dict(conn.execute("SELECT prompt, status FROM calls WHERE run_id = ?", (run_id,)).fetchall())
             (status,) = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
@@ -194,13 +125,14 @@ class Server:
 
 
 @pytest.fixture
-def qf(tmp_path: Path) -> Iterator[Server]:
-    server = Server(tmp_path)
-    server.start()
+def qf(server_factory: Callable[..., QuickflowServer], tmp_path: Path) -> Iterator[Harness]:
+    exec_log = tmp_path / "exec.log"
+    server = server_factory(env={"QUICKFLOW_SIMULATE_RECORD": str(exec_log), "QUICKFLOW_LOG_LEVEL": "warning"})
+    harness = Harness(server, exec_log)
     try:
-        yield server
+        yield harness
     finally:
-        server.stop()
+        harness.close()
 
 
 def assert_seqs_contiguous(events: list[dict[str, Any]]) -> None:
@@ -208,7 +140,7 @@ def assert_seqs_contiguous(events: list[dict[str, Any]]) -> None:
     assert seqs == list(range(1, len(seqs) + 1)), "event seqs must be 1..N, strictly increasing, no duplicates"
 
 
-def test_sigkill_mid_run_then_restart_completes_without_re_executing_journaled_agents(qf: Server) -> None:
+def test_sigkill_mid_run_then_restart_completes_without_re_executing_journaled_agents(qf: Harness) -> None:
     started = time.monotonic()
     run_id = qf.submit(script=SCRIPT, options=OPTIONS)["id"]
 
@@ -226,6 +158,7 @@ def test_sigkill_mid_run_then_restart_completes_without_re_executing_journaled_a
     assert 50 <= len(done_at_kill) < AGENTS, "the kill should land mid-run"
     assert done_at_kill <= set(executed_at_kill)
     in_flight_at_kill = set(executed_at_kill) - done_at_kill
+    assert len(in_flight_at_kill) <= CONCURRENCY, f"{len(in_flight_at_kill)} agents executed but not journaled"
 
     qf.start()
     events = qf.events_until_end(run_id)
@@ -250,11 +183,10 @@ def test_sigkill_mid_run_then_restart_completes_without_re_executing_journaled_a
     assert all(n == 2 for n in twice.values())
     assert sum(n - 1 for n in counts.values()) <= CONCURRENCY, twice
 
-    assert len(agents) == AGENTS
-    assert sorted(a["index"] for a in agents) == list(range(AGENTS))
+    assert len(agents) == AGENTS and len({a["index"] for a in agents}) == AGENTS
     assert {a["prompt"] for a in agents} == prompts
     assert all(a["status"] == "completed" for a in agents)
-    # Journaled calls keep their index across the restart.
+    # Journaled calls keep their index across the restart (parallel issued job-i as index i).
     by_prompt = {a["prompt"]: a for a in agents}
     assert all(by_prompt[p]["index"] == int(p[4:]) for p in done_at_kill)
 
@@ -263,25 +195,30 @@ def test_sigkill_mid_run_then_restart_completes_without_re_executing_journaled_a
     starts = [e for e in events if e["type"] == "run.started"]
     assert [s["data"]["recovered"] for s in starts] == [False, True]
     assert types[-1] == "run.completed" and types.count("run.completed") == 1
+    # After the restart the script replays: every journaled call is served from the journal.
     recovered = [e for e in events if e["type"] == "agent.cached" and e["data"].get("recovered")]
-    assert {by_prompt_index(agents)[e["data"]["index"]] for e in recovered} == done_at_kill
+    prompt_of = {a["index"]: a["prompt"] for a in agents}
+    assert {prompt_of[e["data"]["index"]] for e in recovered} == done_at_kill
     assert elapsed < 60
-
-
-def by_prompt_index(agents: list[dict[str, Any]]) -> dict[int, str]:
-    return {a["index"]: a["prompt"] for a in agents}
 
 
 PAUSE_SCRIPT = "return await parallel(Array.from({length: 30}, (_, i) => () => agent('paused-job-' + i)))"
 
 
-def test_a_paused_run_survives_a_restart_still_paused(qf: Server) -> None:
+def test_a_paused_run_survives_a_restart_still_paused(qf: Harness) -> None:
     run_id = qf.submit(script=PAUSE_SCRIPT, options={"concurrency": 2, "simulate": {"latency_ms": 40}})["id"]
     wait_for("4 completed agents", lambda: sum(a["status"] == "completed" for a in qf.agents(run_id)) >= 4)
     assert qf.http.post(f"/v1/runs/{run_id}/pause").json()["status"] == "paused"
-    # Paused: agents in flight finish (their results are kept), no new one starts.
-    wait_for("in-flight agents to finish", lambda: not any(a["status"] == "running" for a in qf.agents(run_id)))
-    done_before = {a["prompt"] for a in qf.agents(run_id) if a["status"] == "completed"}
+    # Paused: agents in flight finish and are journaled (their results are kept), no new one starts.
+
+    def settled() -> set[str] | None:
+        agents = qf.agents(run_id)
+        done = {a["prompt"] for a in agents if a["status"] == "completed"}
+        journal, _ = qf.journal(run_id)
+        durable = {p for p, s in journal.items() if s == "completed"}
+        return done if not any(a["status"] == "running" for a in agents) and done == durable else None
+
+    done_before = wait_for("in-flight agents to finish and be journaled", settled)
     qf.kill()
     journal, status_at_kill = qf.journal(run_id)
     assert status_at_kill == "paused"
@@ -306,5 +243,6 @@ def test_a_paused_run_survives_a_restart_still_paused(qf: Server) -> None:
     assert sum(counts.values()) == 30  # nothing was in flight at the kill: each agent ran once
     assert_seqs_contiguous(events)
     types = [e["type"] for e in events]
+    assert [e["data"]["recovered"] for e in events if e["type"] == "run.started"] == [False, True]
     assert types.count("run.paused") >= 1 and types.count("run.resumed") == 1
     assert types[-1] == "run.completed"

@@ -17,8 +17,22 @@ from typing import Any
 import anyio
 import pytest
 
-from runtime import CallRecord, Engine, MemoryStore, RunRecord, RunRequest, SimulateBackend, load_settings
-from runtime.journal import RESUME_MODES, Occurrences, ResumePlan, call_key, canonical_json
+from runtime import (
+    CallRecord,
+    Engine,
+    MemoryStore,
+    RunRecord,
+    RunRequest,
+    SimulateBackend,
+    load_settings,
+)
+from runtime.journal import (
+    RESUME_MODES,
+    Occurrences,
+    ResumePlan,
+    call_key,
+    canonical_json,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -39,26 +53,27 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required"
 
 
 @pytest.mark.parametrize(
-    "changed",
+    ("field", "a", "b"),
     [
-        {"prompt": "p2"},
-        {"prompt": "p "},  # whitespace is part of the prompt
-        {"schema": SCHEMA},
-        {"schema": {**SCHEMA, "required": []}},
-        {"model": "haiku"},
-        {"effort": "high"},
-        {"agent_type": "reviewer"},
-        {"isolation": "worktree"},
+        ("prompt", "p", "p2"),
+        ("prompt", "p", "p "),  # whitespace is part of the prompt
+        ("schema", None, SCHEMA),
+        ("schema", SCHEMA, {**SCHEMA, "required": []}),
+        ("model", None, "haiku"),
+        ("model", "haiku", "claude-haiku-4-5"),  # the alias as written, not the resolved id
+        ("effort", None, "high"),
+        ("agent_type", None, "reviewer"),
+        ("isolation", None, "worktree"),
     ],
-    ids=lambda d: next(iter(d)),
+    ids=lambda v: v if isinstance(v, str) else None,
 )
-def test_call_key_changes_with_each_identity_field(changed: dict[str, Any]) -> None:
-    base: dict[str, Any] = {"prompt": "p", "schema": None, "model": "sonnet", "effort": None, "agent_type": None,
-                            "isolation": None}
-    if "schema" in changed and changed["schema"] is not SCHEMA:
-        base["schema"] = SCHEMA
-    other = {**base, **changed}
-    assert call_key(base.pop("prompt"), **base) != call_key(other.pop("prompt"), **other)
+def test_call_key_changes_with_each_identity_field(field: str, a: Any, b: Any) -> None:
+    def key(value: Any) -> str:
+        fields: dict[str, Any] = {"prompt": "p", "model": "sonnet", field: value}
+        return call_key(fields.pop("prompt"), **fields)
+
+    assert key(a) != key(b)
+    assert key(a) == key(a)
 
 
 def test_call_key_has_no_room_for_label_phase_or_timeout() -> None:
@@ -294,6 +309,6 @@ async def test_golden_journal_replay(path: Path, n: int, tmp_path: Path) -> None
             assert call.output == source.output
             assert call.usage.get("output_tokens", 0) == 0
             pointer = [{"cached_from": fixture["run_id"], "index": source.index}]
-            assert stored[call.index].transcript == pointer
+            assert call.transcript == stored[call.index].transcript == pointer  # live view == journal
     live_tokens = sum(c.usage.get("output_tokens", 0) for c in calls if c.status != "cached")
     assert final.usage["tokens"]["output"] == live_tokens

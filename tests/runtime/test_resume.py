@@ -17,8 +17,18 @@ from typing import Any
 import anyio
 import pytest
 
-from runtime import CallRecord, Engine, EventRecord, MemoryStore, RunRecord, RunRequest, SimulateBackend, load_settings
+from runtime import (
+    CallRecord,
+    Engine,
+    EventRecord,
+    MemoryStore,
+    RunRecord,
+    RunRequest,
+    SimulateBackend,
+    load_settings,
+)
 from runtime.errors import InvalidRequest, ResumeConflict, RunNotFound
+from runtime.journal import call_key
 from runtime.store import SQLiteStore, Store
 
 pytestmark = pytest.mark.anyio
@@ -148,7 +158,7 @@ async def test_prefix_and_reuse_agree_when_the_source_has_no_failure(tmp_path: P
 
 
 async def test_editing_post_processing_executes_no_agent(tmp_path: Path) -> None:
-    body = f"const r = await parallel(Array.from({{length: 30}}, (_, i) => () => agent('task-' + String(i).padStart(3, '0'))))\n"
+    body = "const r = await parallel(Array.from({length: 30}, (_, i) => () => agent('task-' + String(i).padStart(3, '0'))))\n"
     with anyio.fail_after(30):
         async with harness(tmp_path) as h:
             source = await h.run(body + "return r.length")
@@ -206,7 +216,7 @@ async def test_resume_of_a_run_without_args_keeps_args_absent(tmp_path: Path) ->
 
 
 async def test_resume_while_the_source_has_live_agents_conflicts(tmp_path: Path) -> None:
-    script = "const a = await agent('quick'); const b = await agent('slow one'); return [a, b]"
+    script = "return await agent('slow one')"
     with anyio.fail_after(30):
         async with harness(tmp_path) as h:
             source = await h.engine.submit(RunRequest(script=script, options={"simulate": {"latency_ms": 60_000}}))
@@ -400,3 +410,56 @@ async def test_engine_restart_continues_running_runs_from_their_journal(tmp_path
     # Recovered calls keep their index and count as completed, with the tokens they spent.
     assert all(c.status == "completed" for c in calls)
     assert final.usage["tokens"]["output"] == clean.usage["tokens"]["output"]
+
+
+async def test_recovering_a_prefix_resume_keeps_the_prefix_broken(tmp_path: Path) -> None:
+    """A prefix-mode run that crashed after its break must not start serving the source again.
+
+    Source: A completed, B failed, C completed. The prefix resume served A, ran B live (the
+    break) and crashed while C was in flight. On recovery A and B come from the run's own
+    journal; C must still run live, as it would have without the crash.
+    """
+    script = "return [await agent('A'), await agent('B'), await agent('C')]"
+    store = MemoryStore()
+    await store.save_run(RunRecord(id="src", owner="local", status="completed", script=script, created_at=1.0))
+    source = {"A": ("completed", "a-src"), "B": ("failed", None), "C": ("completed", "c-src")}
+    for i, (p, (status, output)) in enumerate(source.items()):
+        await store.save_call(CallRecord(run_id="src", index=i, key=call_key(p), occurrence=0, status=status,
+                                         prompt=p, output=output))
+    await store.save_run(RunRecord(id="crashed", owner="local", status="running", script=script, created_at=2.0,
+                                   resume_from="src", resume_mode="prefix"))
+    await store.save_call(CallRecord(run_id="crashed", index=0, key=call_key("A"), occurrence=0, status="cached",
+                                     prompt="A", output="a-src"))
+    await store.save_call(CallRecord(run_id="crashed", index=1, key=call_key("B"), occurrence=0, status="completed",
+                                     prompt="B", output="b-live"))
+    with anyio.fail_after(20):
+        async with harness(tmp_path, store, recover=True) as h:
+            final = await h.engine.wait("crashed")
+    assert final.status == "completed"
+    assert h.executed("crashed") == ["C"]
+    assert final.result[:2] == ["a-src", "b-live"] and final.result[2] != "c-src"
+
+
+async def test_recovered_calls_keep_their_journaled_status(tmp_path: Path) -> None:
+    """A resumed run that crashed: its cached calls are still ``cached`` (0 tokens) after recovery."""
+    script = "return [await agent('A'), await agent('B'), await agent('C')]"
+    store = MemoryStore()
+    await store.save_run(RunRecord(id="src", owner="local", status="completed", script=script, created_at=1.0))
+    for i, p in enumerate("ABC"):
+        await store.save_call(CallRecord(run_id="src", index=i, key=call_key(p), occurrence=0, status="completed",
+                                         prompt=p, output=p.lower(), usage={"output_tokens": 7}))
+    await store.save_run(RunRecord(id="crashed", owner="local", status="running", script=script, created_at=2.0,
+                                   resume_from="src", resume_mode="reuse"))
+    for i, p in enumerate("AB"):
+        await store.save_call(CallRecord(run_id="crashed", index=i, key=call_key(p), occurrence=0, status="cached",
+                                         prompt=p, output=p.lower(), transcript=[{"cached_from": "src", "index": i}]))
+    with anyio.fail_after(20):
+        async with harness(tmp_path, store, recover=True) as h:
+            final = await h.engine.wait("crashed")
+            calls = await h.calls("crashed")
+    assert final.status == "completed" and final.result == ["a", "b", "c"]
+    assert h.executed("crashed") == []
+    assert [c.status for c in calls] == ["cached"] * 3
+    assert [c.transcript for c in calls] == [[{"cached_from": "src", "index": i}] for i in range(3)]
+    assert final.usage["agents"] == {"total": 3, "cached": 3}
+    assert final.usage["tokens"]["output"] == 0
