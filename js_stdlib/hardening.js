@@ -39,6 +39,39 @@
   }
   defineProperty(g, 'Function', { value: noCode, writable: false, configurable: false, enumerable: false });
 
+  // --- Promise ----------------------------------------------------------------------------
+  // The engine's Promise constructor runs the executor inside a native catch that turns any
+  // exception into a rejection, the uncatchable "interrupted" of the slice limit included; a
+  // loop creating promises whose executors spin would never end its slice. This constructor
+  // calls the executor itself, where a JS catch cannot swallow the interrupt.
+  const RealPromise = Promise;
+  const SafePromise = function Promise(executor) {
+    if (new.target === undefined) throw new TypeError("Promise constructor cannot be invoked without 'new'");
+    if (typeof executor !== 'function') throw new TypeError('Promise resolver is not a function');
+    let resolve;
+    let reject;
+    const promise = Reflect.construct(RealPromise, [(res, rej) => { resolve = res; reject = rej; }], new.target);
+    try {
+      executor(resolve, reject);
+    } catch (err) {
+      reject(err);
+    }
+    return promise;
+  };
+  defineProperty(SafePromise, 'prototype', { value: RealPromise.prototype, writable: false });
+  defineProperty(RealPromise.prototype, 'constructor', { value: SafePromise, writable: true, configurable: true });
+  Object.setPrototypeOf(SafePromise, getPrototypeOf(RealPromise));
+  for (const key of ownKeys(RealPromise)) {
+    if (key === 'prototype' || key === 'length' || key === 'name') continue;
+    defineProperty(SafePromise, key, getOwnPropertyDescriptor(RealPromise, key));
+  }
+  // Promise.try calls its callback inside the same native catch: call it from JS instead.
+  defineProperty(SafePromise, 'try', {
+    value: function (fn, ...args) { return new this((resolve) => resolve(fn(...args))); },
+    writable: true, configurable: true,
+  });
+  defineProperty(g, 'Promise', { value: SafePromise, writable: false, configurable: false, enumerable: false });
+
   // --- determinism -----------------------------------------------------------------------
   const RealDate = Date;
   const clockError = (what) => new Error(

@@ -278,7 +278,8 @@
   // --- timers -------------------------------------------------------------------------------
   function setTimeout(fn, ms, ...args) {
     if (typeof fn !== 'function') throw new TypeError('setTimeout() expects a function as its first argument');
-    const delay = typeof ms === 'number' && ms > 0 ? ms : 0;
+    // Like Node: a delay that is not a finite number from 1 to 2^31-1 ms becomes 1 ms.
+    const delay = typeof ms === 'number' && ms >= 1 && ms <= 2147483647 ? ms : 1;
     const id = nextId++;
     timers.set(id, [fn, args]);
     qf$push('timer', id, { ms: delay });

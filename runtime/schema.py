@@ -1,15 +1,65 @@
-"""JSON Schema for structured agent output: checking a script's schema, validating answers."""
+"""JSON Schema for structured agent output: checking a script's schema, validating answers.
+
+Schemas come from scripts, so they are hostile input: a ``pattern`` could backtrack for
+minutes inside Python's ``re`` on the event loop. Patterns are matched with the ``regex``
+module under a time limit instead, and a pattern that runs out of time fails validation.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jsonschema
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
+import regex
+from jsonschema.exceptions import SchemaError, ValidationError
+from jsonschema.validators import extend, validator_for
 
-__all__ = ["schema_problem", "validation_error"]
+__all__ = ["PATTERN_TIMEOUT_S", "safe_search", "schema_problem", "validation_error"]
+
+PATTERN_TIMEOUT_S = 0.05
+
+
+def safe_search(pattern: str, text: str) -> bool:
+    """``re.search`` semantics, bounded in time; TimeoutError when the pattern backtracks too long."""
+    return regex.search(pattern, text, timeout=PATTERN_TIMEOUT_S) is not None
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "string"):
+        return
+    try:
+        matched = safe_search(pattern, instance)
+    except TimeoutError:
+        yield ValidationError(f"matching {pattern!r} took too long (catastrophic backtracking?)")
+        return
+    if not matched:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(validator: Any, properties: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in properties.items():
+        for key, value in instance.items():
+            try:
+                matched = safe_search(pattern, key)
+            except TimeoutError:
+                yield ValidationError(f"matching {pattern!r} took too long (catastrophic backtracking?)")
+                return
+            if matched:
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+@functools.cache
+def _bounded(cls: Any) -> Any:
+    """The validator class for a draft, with time-bounded ``pattern`` and ``patternProperties``."""
+    return extend(cls, {"pattern": _pattern, "patternProperties": _pattern_properties})
+
+
+def _validator(schema: Mapping[str, Any]) -> Any:
+    return _bounded(validator_for(schema, default=jsonschema.Draft202012Validator))(schema)
 
 
 def schema_problem(schema: Any) -> str | None:
@@ -50,8 +100,7 @@ def _unsatisfiable(schema: Mapping[str, Any], path: str) -> str | None:
 
 def validation_error(instance: Any, schema: Mapping[str, Any]) -> str | None:
     """The most relevant validation error as one readable line, or None when valid."""
-    validator = validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
+    error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(instance))
     if error is None:
         return None
     where = "/".join(str(p) for p in error.absolute_path)

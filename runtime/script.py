@@ -127,7 +127,7 @@ class ScriptDriver:
                 self._outstanding += 1
                 self._tg.start_soon(self._workflow, request.id, payload)
             elif kind == "timer":
-                self._add_timer(request.id, float(payload.get("ms", 0)))
+                self._add_timer(request.id, _delay_ms(payload))
             elif kind == "clear_timer":
                 if self._timers.pop(request.id, None) is not None:
                     self._outstanding -= 1
@@ -174,3 +174,8 @@ class ScriptDriver:
             wait = self._timer_heap[0][0] - now if self._timer_heap else math.inf
             with anyio.move_on_after(wait):
                 await changed.wait()
+
+
+def _delay_ms(payload: Any) -> float:
+    delay = payload.get("ms") if isinstance(payload, dict) else None
+    return float(delay) if isinstance(delay, (int, float)) and 0 <= delay < 2**31 else 1.0

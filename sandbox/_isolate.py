@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -191,6 +192,12 @@ class Isolate:
                 return self._fail(hit.failure, time.thread_time() - cpu_started)
             except quickjs.JSException as exc:
                 return self._fail(self._engine_failure(str(exc)), time.thread_time() - cpu_started)
+            except RecursionError:
+                return self._fail(
+                    ScriptFailure("limit", "nesting", "a value crossing to the host is nested too deeply "
+                                  f"(more than about {sys.getrecursionlimit()} levels)"),
+                    time.thread_time() - cpu_started,
+                )
         finally:
             self._lock.release()
 
@@ -226,8 +233,8 @@ class Isolate:
             self.close()
             return Slice(requests=requests, finished=True, result=json.loads(text), cpu_s=cpu_s)
         error = done["error"]
-        if error.get("name") == "InternalError" and "out of memory" in error.get("message", ""):
-            failure = self._engine_failure("InternalError: out of memory")
+        if self._out_of_memory(error):
+            failure = self._memory_failure(thrown_null=error.get("name") != "InternalError")
         else:
             position = user_position(error.get("stack", ""))
             failure = ScriptFailure(
@@ -238,6 +245,20 @@ class Isolate:
             )
         self.close()
         return Slice(requests=requests, finished=True, failure=failure, cpu_s=cpu_s)
+
+    def _out_of_memory(self, error: Mapping[str, Any]) -> bool:
+        if error.get("name") == "InternalError" and "out of memory" in error.get("message", ""):
+            return True
+        # With no room left even for an error object the engine throws null, and by the time the
+        # host looks the heap is freed again. So a thrown null counts as running out of memory
+        # (a script that throws null itself is reported the same way; the message says so).
+        return error.get("message") == "uncaught non-Error value: null"
+
+    def _memory_failure(self, *, thrown_null: bool = False) -> ScriptFailure:
+        message = f"script exceeded its memory limit of {self.limits.heap_bytes // (1024 * 1024)} MiB"
+        if thrown_null:
+            message += " (the engine threw null: no memory was left even for an error object)"
+        return ScriptFailure("limit", "memory", message)
 
     def _fail(self, failure: ScriptFailure, cpu_s: float) -> Slice:
         self.cpu_s += cpu_s
@@ -260,11 +281,7 @@ class Isolate:
         if "interrupted" in first:
             return self._slice_failure(text)
         if "out of memory" in first or first in ("null", "InternalError"):
-            return ScriptFailure(
-                "limit",
-                "memory",
-                f"script exceeded its memory limit of {self.limits.heap_bytes // (1024 * 1024)} MiB",
-            )
+            return self._memory_failure()
         if "stack" in first.lower() and "exceeded" in first.lower():
             return ScriptFailure("limit", "stack", "maximum call stack size exceeded (runaway recursion?)")
         name, _, message = first.partition(": ")

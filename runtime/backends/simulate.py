@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
+import regex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 
 from ..errors import InvalidRequest, TerminalBackendError
+from ..schema import safe_search
 from ._protocol import AgentRequest, AgentResult, Usage
 
 __all__ = ["SimulateBackend", "check_simulate_settings", "sample_from_schema"]
@@ -112,8 +113,8 @@ def check_simulate_settings(settings: Any) -> dict[str, Any]:
             raise InvalidRequest(f"options.simulate.{key} must be a list of regular expressions")
         for pattern in patterns:
             try:
-                re.compile(pattern)
-            except re.error as exc:
+                regex.compile(pattern)
+            except regex.error as exc:
                 raise InvalidRequest(f"options.simulate.{key}: bad regular expression {pattern!r}: {exc}") from exc
     return dict(settings)
 
@@ -134,7 +135,7 @@ class SimulateBackend:
         delay = _latency(settings.get("latency_ms", 0), request.prompt)
         if delay > 0:
             await anyio.sleep(delay)
-        if any(re.search(p, request.label) or re.search(p, request.prompt) for p in settings.get("fail", [])):
+        if any(_matches(p, request.label) or _matches(p, request.prompt) for p in settings.get("fail", [])):
             raise TerminalBackendError(f"simulated failure (options.simulate.fail matched {request.label!r})")
         text, data = self._answer(request, settings, subject)
         out_tokens = int(settings.get("output_tokens") or _tokens(text))
@@ -152,12 +153,12 @@ class SimulateBackend:
 
     def _answer(self, request: AgentRequest, settings: Mapping[str, Any], subject: str) -> tuple[str, Any]:
         for canned in settings.get("responses", []):
-            if re.search(str(canned.get("match", "")), subject):
+            if _matches(str(canned.get("match", "")), subject):
                 if "data" in canned:
                     return json.dumps(canned["data"]), canned["data"]
                 return str(canned.get("text", "")), None
         if request.schema is not None:
-            invalid = any(re.search(p, subject) for p in settings.get("invalid", []))
+            invalid = any(_matches(p, subject) for p in settings.get("invalid", []))
             attempts = settings.get("invalid_attempts")
             # Structured-output attempts of this call: the corrections fed back so far, plus this one.
             if invalid and (attempts is None or len(request.corrections) + 1 <= int(attempts)):
@@ -174,6 +175,14 @@ class SimulateBackend:
         line = json.dumps({"run_id": request.run_id, "index": request.index, "prompt": request.prompt}) + "\n"
         with open(self.record_path, "a", encoding="utf-8") as fh:
             fh.write(line)
+
+
+def _matches(pattern: str, text: str) -> bool:
+    # Run options arrive over HTTP: a hostile pattern must not stall the event loop.
+    try:
+        return safe_search(pattern, text)
+    except TimeoutError:
+        return False
 
 
 def _latency(value: Any, prompt: str) -> float:
