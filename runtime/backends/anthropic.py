@@ -30,6 +30,7 @@ import anyio
 
 from .. import models
 from ..errors import TerminalBackendError
+from ._prompts import SYSTEM_PROMPT
 from ._protocol import AgentRequest, AgentResult, Correction, Usage
 
 if TYPE_CHECKING:
@@ -38,15 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["AnthropicBackend", "RetryEvent", "RetryHook", "SYSTEM_PROMPT", "TOOL_NAME"]
 
 TOOL_NAME = "structured_output"
-
-SYSTEM_PROMPT = """\
-You are a subagent carrying out one step of an automated workflow. No human is present: nobody \
-reads your intermediate messages or answers questions. Never ask for clarification or \
-confirmation; when something is ambiguous, make the most reasonable assumption and proceed.
-
-Your final message is handed verbatim to a program. It must contain only the requested \
-content: no preamble, no explanation of what you did, no closing remarks, and no Markdown code \
-fences around the answer unless the task explicitly asks for them."""
 
 _STRUCTURED_NOTE = f"""
 

@@ -30,6 +30,7 @@ import anyio
 
 from ..errors import InvalidRequest, TerminalBackendError
 from ..schema import safe_search
+from ._prompts import SYSTEM_PROMPT
 from ._protocol import AgentRequest, AgentResult, Usage
 
 __all__ = ["SimulateBackend", "check_simulate_settings", "sample_from_schema"]
@@ -139,7 +140,9 @@ class SimulateBackend:
             raise TerminalBackendError(f"simulated failure (options.simulate.fail matched {request.label!r})")
         text, data = self._answer(request, settings, subject)
         out_tokens = int(settings.get("output_tokens") or _tokens(text))
-        usage = Usage(input_tokens=_tokens(request.prompt) + 12, output_tokens=out_tokens)
+        # Input as a real backend would send it: the subagent system prompt, the prompt, the schema.
+        schema_text = json.dumps(request.schema) if request.schema is not None else ""
+        usage = Usage(input_tokens=_tokens(SYSTEM_PROMPT + request.prompt + schema_text), output_tokens=out_tokens)
         return AgentResult(
             text=text,
             data=data,
