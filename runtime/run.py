@@ -488,17 +488,19 @@ class Run:
         """
         backend = self._backend_for(call)
         # A stop while the call waits for a slot or for the run to resume ends the wait at once.
-        call.scope = anyio.CancelScope()
-        with call.scope:
-            await self._limiter.acquire(call.priority)
-        if call.scope.cancelled_caught:
-            return await self._settle_call(call, None)
+        if not self._limiter.try_acquire():
+            call.scope = anyio.CancelScope()
+            with call.scope:
+                await self._limiter.acquire(call.priority)
+            if call.scope.cancelled_caught:
+                return await self._settle_call(call, None)
         try:
             while True:
-                call.scope = anyio.CancelScope()
-                with call.scope:
-                    while not self._unpaused.is_set():
-                        await self._unpaused.wait()
+                if not self._unpaused.is_set():
+                    call.scope = anyio.CancelScope()
+                    with call.scope:
+                        while not self._unpaused.is_set():
+                            await self._unpaused.wait()
                 if call.stop_requested:
                     return await self._settle_call(call, None)
                 request = AgentRequest(

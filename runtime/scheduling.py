@@ -42,9 +42,15 @@ class PriorityLimiter:
         self._abandoned = 0
         self._seq = itertools.count()
 
-    async def acquire(self, priority: tuple[Any, ...] = ()) -> None:
-        if self._borrowed < self.total_tokens and not self.statistics().tasks_waiting:
+    def try_acquire(self) -> bool:
+        """Take a free slot without waiting, if one is free and nobody waits for it."""
+        if self._borrowed < self.total_tokens and len(self._waiting) == self._abandoned:
             self._borrowed += 1
+            return True
+        return False
+
+    async def acquire(self, priority: tuple[Any, ...] = ()) -> None:
+        if self.try_acquire():
             return
         waiter = _Waiter(priority, next(self._seq), anyio.Event())
         heapq.heappush(self._waiting, waiter)
