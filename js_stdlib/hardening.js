@@ -45,12 +45,15 @@
   // loop creating promises whose executors spin would never end its slice. This constructor
   // calls the executor itself, where a JS catch cannot swallow the interrupt.
   const RealPromise = Promise;
+  const withResolvers = RealPromise.withResolvers;
+  const setPrototypeOf = Object.setPrototypeOf;
   const SafePromise = function Promise(executor) {
     if (new.target === undefined) throw new TypeError("Promise constructor cannot be invoked without 'new'");
     if (typeof executor !== 'function') throw new TypeError('Promise resolver is not a function');
-    let resolve;
-    let reject;
-    const promise = Reflect.construct(RealPromise, [(res, rej) => { resolve = res; reject = rej; }], new.target);
+    // withResolvers runs no JS inside the engine's catch (a capturing arrow would, and an
+    // interrupt landing in it would be swallowed).
+    const { promise, resolve, reject } = Reflect.apply(withResolvers, RealPromise, []);
+    if (new.target !== SafePromise) setPrototypeOf(promise, new.target.prototype);
     try {
       executor(resolve, reject);
     } catch (err) {

@@ -239,6 +239,8 @@
   // --- phase(), log(), console ------------------------------------------------------------
   function phase(title) {
     if (typeof title !== 'string' || title.trim() === '') throw new TypeError('phase() expects a non-empty string title');
+    if (title.length > 200) title = title.slice(0, 200);
+    if (currentPhase === title) return;
     currentPhase = title;
     qf$push('phase', 0, { title });
   }
@@ -253,7 +255,12 @@
     }
   }
 
+  const MAX_LINE = 65536;
+
   function qf$log(level, message) {
+    if (message.length > MAX_LINE) {
+      message = message.slice(0, MAX_LINE) + ` … [${message.length - MAX_LINE} more characters]`;
+    }
     logLines++;
     if (logLines > state.maxLogLines) {
       if (logLines === state.maxLogLines + 1) {

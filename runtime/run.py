@@ -40,6 +40,8 @@ __all__ = ["LiveCall", "Run", "RunContext", "default_label"]
 logger = logging.getLogger("quickflow.run")
 
 NO_PHASE = "(no phase)"
+MAX_PHASES = 1000
+TOO_MANY_PHASES = "(more phases)"
 PREVIEW_CHARS = 200
 
 
@@ -373,6 +375,12 @@ class Run:
         if group is not None:
             title = f"▸ {group}"
         stats = self.phases.get(title)
+        if stats is None and len(self.phases) >= MAX_PHASES:
+            # Each phase is a row in every progress view: past the cap, new titles share one.
+            if TOO_MANY_PHASES not in self.phases:
+                self.warn(f"more than {MAX_PHASES} phases: later phase titles are grouped as {TOO_MANY_PHASES!r}")
+            title = TOO_MANY_PHASES
+            stats = self.phases.get(title)
         if stats is None:
             stats = self.phases[title] = PhaseStats(title)
         if stats.started_at is None:

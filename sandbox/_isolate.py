@@ -93,7 +93,7 @@ _PRELUDE_FRAMES = frozenset(
         "agent", "parallel", "pipeline", "phase", "log", "workflow", "setTimeout", "clearTimeout",
         "take", "settle", "start", "info", "debug", "warn", "error", "spent", "remaining",
         "Date", "now", "random", "Function", "WorkflowAgentCapError", "WorkflowBudgetExceededError",
-        "StructuredOutputError",
+        "StructuredOutputError", "clockError", "Promise",
     }
 )
 
