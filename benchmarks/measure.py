@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Figure", "machine_info", "percentile", "rss_bytes", "summarize"]
+__all__ = ["Figure", "git_commit", "machine_info", "percentile", "rss_bytes", "summarize"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,6 +81,10 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def git_commit() -> str:
+    return _git("rev-parse", "--short", "HEAD") or "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     """What a reader needs to judge the numbers: hardware, load, interpreter, package versions, commit."""
     try:
@@ -102,7 +106,7 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "python_impl": platform.python_implementation(),
         "packages": {name: _version(name) for name in PACKAGES},
-        "git_commit": _git("rev-parse", "--short", "HEAD") or "unknown",
+        "git_commit": git_commit(),
         # Uncommitted changes to tracked files: the numbers describe the work tree, not the commit.
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from runtime import Engine, EventRecord, RunRecord, RunRequest, SimulateBackend, load_settings
 from runtime.store import SQLiteStore
 
@@ -30,6 +32,7 @@ __all__ = [
     "overhead_trial",
     "resume_trial",
     "scheduling_trial",
+    "settle",
     "streaming_trial",
 ]
 
@@ -66,16 +69,29 @@ class Bench:
 
 
 @asynccontextmanager
-async def open_bench(directory: Path | None = None) -> AsyncIterator[Bench]:
-    """An engine on a fresh SQLite journal (``<tmp>/quickflow.db``), no crash recovery."""
-    with tempfile.TemporaryDirectory(prefix="qf-bench-", dir=directory) as tmp:
+async def open_bench(*, limits: Mapping[str, Any] | None = None) -> AsyncIterator[Bench]:
+    """An engine on a fresh SQLite journal (``<tmp>/quickflow.db``), no crash recovery.
+
+    ``limits`` overrides server limits (e.g. ``{"server_concurrency": 8192}``).
+    """
+    settings = load_settings(limits=dict(limits)) if limits else load_settings()
+    with tempfile.TemporaryDirectory(prefix="qf-bench-") as tmp:
         store = await SQLiteStore.open(Path(tmp) / "quickflow.db")
         backend = SimulateBackend()
         try:
-            async with Engine(load_settings(), store, backends={"simulate": backend}, recover=False) as engine:
+            async with Engine(settings, store, backends={"simulate": backend}, recover=False) as engine:
                 yield Bench(engine, backend, store)
         finally:
             await store.aclose()
+
+
+async def settle(bench: Bench, timeout_s: float = 10.0) -> None:
+    """Wait until the journal writer has flushed the previous trial's events, so no trial (or
+    baseline measured in between) pays for another's background writes."""
+    with anyio.move_on_after(timeout_s):
+        while bench.store.statistics().queued:
+            await anyio.sleep(0.002)
+    await anyio.sleep(0.02)  # the last group may still be committing
 
 
 def options(concurrency: int, *, latency_ms: float = 0, max_agents: int = 1000) -> dict[str, Any]:
