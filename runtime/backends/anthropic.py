@@ -30,7 +30,7 @@ import anyio
 
 from .. import models
 from ..errors import TerminalBackendError
-from ._prompts import SYSTEM_PROMPT
+from ._prompts import SYSTEM_PROMPT, profile_for
 from ._protocol import AgentRequest, AgentResult, Correction, Usage
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class AnthropicBackend:
         return self._result(request, message, transcript, warnings)
 
     def _build_params(self, request: AgentRequest, warnings: list[str]) -> dict[str, Any]:
-        profile = self._profile(request)
+        profile = profile_for(self._profiles, request.agent_type)
         model = models.choose_model(
             request.model,
             profile_model=profile.model if profile is not None else None,
@@ -226,17 +226,6 @@ class AnthropicBackend:
         if thinking is not None:
             params["thinking"] = thinking
         return params
-
-    def _profile(self, request: AgentRequest) -> ProfileLike | None:
-        if not request.agent_type:
-            return None
-        try:
-            return self._profiles[request.agent_type]
-        except KeyError:
-            names = ", ".join(sorted(self._profiles)) or "none"
-            raise TerminalBackendError(
-                f"unknown agentType {request.agent_type!r} (configured profiles: {names})"
-            ) from None
 
     async def _send_with_retries(
         self, request: AgentRequest, params: dict[str, Any], transcript: list[Mapping[str, Any]]

@@ -38,7 +38,8 @@ import anyio
 from .. import models
 from ..errors import ConfigError, TerminalBackendError
 from ._protocol import AgentRequest, AgentResult, Usage
-from .anthropic import SYSTEM_PROMPT, ProfileLike, RetryEvent, RetryHook
+from ._prompts import SYSTEM_PROMPT, profile_for
+from .anthropic import ProfileLike, RetryEvent, RetryHook
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -179,7 +180,7 @@ class ClaudeCodeBackend:
             query,
         )
 
-        profile = self._profile(request)
+        profile = profile_for(self._profiles, request.agent_type)
         model = models.choose_model(
             request.model,
             profile_model=profile.model if profile is not None else None,
@@ -262,17 +263,6 @@ class ClaudeCodeBackend:
             data=_parse_json_text(text) if request.schema is not None else None,
             transcript=tuple(transcript),
         )
-
-    def _profile(self, request: AgentRequest) -> ProfileLike | None:
-        if not request.agent_type:
-            return None
-        try:
-            return self._profiles[request.agent_type]
-        except KeyError:
-            names = ", ".join(sorted(self._profiles)) or "none"
-            raise TerminalBackendError(
-                f"unknown agentType {request.agent_type!r} (configured profiles: {names})"
-            ) from None
 
     async def _report_retry(
         self, request: AgentRequest, data: Mapping[str, Any], transcript: list[Mapping[str, Any]]
