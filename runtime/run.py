@@ -570,9 +570,8 @@ class Run:
         call.finished_at = time.time()
         duration = round(call.finished_at - (call.started_at or call.finished_at), 3)
         if outcome is None:
-            self._count(call, call.status, AgentStatus.STOPPED)
             call.error = "stopped by request"
-            await self.ctx.store.save_call(call.record(self.id))
+            await self._journal(call, AgentStatus.STOPPED)
             self.events.emit(EventType.AGENT_STOPPED, call.event_data(duration_s=duration))
             return True, None
         call.usage, call.cost_usd = outcome.usage, outcome.cost_usd
@@ -586,15 +585,13 @@ class Run:
         tokens = {"input": outcome.usage.input_tokens, "output": outcome.usage.output_tokens}
         if outcome.status == "completed":
             call.output = outcome.output
-            self._count(call, call.status, AgentStatus.COMPLETED)
-            await self.ctx.store.save_call(call.record(self.id))  # durable before the script sees it
+            await self._journal(call, AgentStatus.COMPLETED)  # durable before the script sees it
             self.events.emit(EventType.AGENT_COMPLETED, call.event_data(
                 tokens=tokens, cost_usd=round(outcome.cost_usd, 6), duration_s=duration,
                 result_preview=_preview(outcome.output)))
             return True, outcome.output
         call.error = outcome.error
-        self._count(call, call.status, AgentStatus.FAILED)
-        await self.ctx.store.save_call(call.record(self.id))
+        await self._journal(call, AgentStatus.FAILED)
         self.events.emit(EventType.AGENT_FAILED, call.event_data(
             tokens=tokens, duration_s=duration, error=outcome.error, reason=outcome.status))
         if outcome.status == "structured_output_error":
@@ -605,6 +602,12 @@ class Run:
                 "validationError": outcome.error,
             }
         return True, None
+
+    async def _journal(self, call: LiveCall, status: AgentStatus) -> None:
+        """Journal the call in its final status, then show that status: a live view never shows
+        a result that a crash could still lose."""
+        await self.ctx.store.save_call(replace(call.record(self.id), status=status.value))
+        self._count(call, call.status, status)
 
     def _account(self, call: LiveCall) -> None:
         self.usage = self.usage + call.usage
