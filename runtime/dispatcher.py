@@ -19,6 +19,7 @@ import anyio
 
 from .backends import AgentBackend, AgentRequest, AgentResult, Correction, Usage
 from .errors import BackendError
+from .scheduling import PriorityLimiter
 from .schema import validation_error
 
 __all__ = ["AgentOutcome", "Dispatcher", "DispatcherStatistics", "MAX_SCHEMA_ATTEMPTS"]
@@ -60,7 +61,8 @@ class Dispatcher:
         cost: Callable[[str, Usage], float] | None = None,
     ) -> None:
         self.backends = backends  # shared with the engine, which adds configured backends at start
-        self._limiter = anyio.CapacityLimiter(server_concurrency)
+        # FIFO among equals; cheaper than anyio's CapacityLimiter on the uncontended path.
+        self._limiter = PriorityLimiter(server_concurrency)
         self._max_result_bytes = max_result_bytes
         self._cost = cost
         self._executed = 0
@@ -93,10 +95,14 @@ class Dispatcher:
         """
         scope = scope or anyio.CancelScope()
         with scope:
-            async with self._limiter:
+            if not self._limiter.try_acquire():
+                await self._limiter.acquire()
+            try:
                 self._executed += 1
                 scope.deadline = min(scope.deadline, anyio.current_time() + request.timeout_s)
                 return await self._attempts(self.backends[backend_name], request, on_retry)
+            finally:
+                self._limiter.release()
         return AgentOutcome(
             status="timeout",
             error=f"agent timed out after {request.timeout_s:g} s",
@@ -156,7 +162,11 @@ class Dispatcher:
     def _finish(
         self, output: Any, usage: Usage, cost: float, model: str | None, attempts: int, transcript: list[Mapping[str, Any]]
     ) -> AgentOutcome:
-        size = len(output.encode()) if isinstance(output, str) else len(json.dumps(output).encode())
+        if isinstance(output, str):
+            # A character is at most 4 bytes of UTF-8: most answers need no encoding to be measured.
+            size = len(output) if len(output) * 4 <= self._max_result_bytes else len(output.encode())
+        else:
+            size = len(json.dumps(output).encode())
         if size > self._max_result_bytes:
             return AgentOutcome("failed", usage=usage, cost_usd=cost, model=model, attempts=attempts,
                                 error=f"agent result is {size} bytes; the limit is {self._max_result_bytes} bytes",

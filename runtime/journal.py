@@ -34,15 +34,17 @@ def call_key(
     agent_type: str | None = None,
     isolation: str | None = None,
 ) -> str:
-    identity = {
-        "prompt": prompt,
-        "schema": schema,
-        "model": model,
-        "effort": effort,
-        "agentType": agent_type,
-        "isolation": isolation,
-    }
-    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
+    # Exactly canonical_json({prompt, schema, model, effort, agentType, isolation}), written out
+    # with the keys in sorted order: sorting and encoding a dict per call was a hot spot.
+    text = (
+        f'{{"agentType":{_json(agent_type)},"effort":{_json(effort)},"isolation":{_json(isolation)},'
+        f'"model":{_json(model)},"prompt":{_json(prompt)},'
+        f'"schema":{"null" if schema is None else canonical_json(schema)}}}'
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def _completed(call: CallRecord) -> bool:

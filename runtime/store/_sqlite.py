@@ -106,6 +106,10 @@ class _Write:
         return len(self.records if self.records is not None else self.rows or ())
 
 
+# Wakes the writer to take the pending events; never executed itself.
+_WAKE = _Write(sql="", what="wake")
+
+
 class _WriteFailed(Exception):
     """Internal: a write (not BEGIN/COMMIT) failed inside a transaction; ``error`` is why."""
 
@@ -284,6 +288,7 @@ class SQLiteStore:
         self._queue: queue.Queue[_Write | None] = queue.Queue()
         # Guards ``_closing``, ``_writer_alive`` against enqueues, and the idle reader pool.
         self._lock = threading.Lock()
+        self._events_pending: list[EventRecord] = []
         self._closing = False
         self._writer_alive = True
         self._closed = anyio.Event()
@@ -382,8 +387,22 @@ class SQLiteStore:
         await self._write_records(_SAVE_CALL, (call,), _call_params, f"call {call.run_id}#{call.index}")
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
-        if events:
-            self._enqueue(_Write(_INSERT_EVENT, "events", records=events, encode=_event_params))
+        # Events gather in one list that the writer takes whole with its next group; only the
+        # first event after a take wakes the writer, so a burst costs one queue operation.
+        if not events:
+            return
+        with self._lock:
+            if self._closing:
+                raise RuntimeError(f"the store {self._path} is closed")
+            wake = not self._events_pending
+            self._events_pending.extend(events)
+        if wake:
+            self._queue.put(_WAKE)
+
+    def _take_events(self) -> _Write | None:
+        with self._lock:
+            events, self._events_pending = self._events_pending, []
+        return _Write(_INSERT_EVENT, "events", records=events, encode=_event_params) if events else None
 
     async def save_workflow(self, workflow: WorkflowRecord) -> None:
         await self._write(_SAVE_WORKFLOW, _workflow_params(workflow), f"workflow {workflow.name}")
@@ -404,12 +423,16 @@ class SQLiteStore:
                 while True:  # everything queued right now joins this group
                     if item is None:
                         stopping = True
-                    else:
+                    elif item is not _WAKE:
                         group.append(item)
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
                         break
+                # Taken after the queue: events appended before a queued write are in this group.
+                events = self._take_events()
+                if events is not None:
+                    group.insert(0, events)
                 if group:
                     self._finish(self._commit_group(conn, group))
                     group = []
@@ -431,15 +454,25 @@ class SQLiteStore:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return writes
-            if item is not None:
+            if item is not None and item is not _WAKE:
                 writes.append(item)
 
     def _commit_group(self, conn: sqlite3.Connection, group: list[_Write]) -> list[_Outcome]:
         try:
             results = self._transaction(conn, group)
         except _WriteFailed:
-            # Roll back and replay one write per transaction so only the faulty one fails.
-            return [self._commit_alone(conn, w) for w in group]
+            # Roll back and replay one write per transaction so only the faulty one fails; the
+            # events of a merged batch are replayed one by one, so only a faulty event is lost.
+            outcomes: list[_Outcome] = []
+            for w in group:
+                if w.sql == _INSERT_EVENT and w.records is not None and len(w.records) > 1:
+                    outcomes.extend(
+                        self._commit_alone(conn, _Write(_INSERT_EVENT, "event", records=[r], encode=w.encode))
+                        for r in w.records
+                    )
+                else:
+                    outcomes.append(self._commit_alone(conn, w))
+            return outcomes
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the group was written
             logger.error("store: committing %d writes to %s failed: %s", len(group), self._path, exc)
             return [(w, 0, _copy_error(exc)) for w in group]

@@ -484,7 +484,9 @@ async def test_group_commit_of_5000_events_and_1000_calls(tmp_path: Path) -> Non
                 assert [e.seq for e in await store.read_events(f"agent-{i}")] == [1, 2, 3, 4, 5]
             stats = store.statistics()
             assert stats.events_committed - before.events_committed == 5000
-            assert stats.writes_committed - before.writes_committed == 4001
+            # 1000 calls and the flush, plus the events, merged into however many batches the
+            # writer found pending at each group (at least one, at most one per append).
+            assert 1001 < stats.writes_committed - before.writes_committed <= 4001
             assert stats.write_errors == 0
             # 4000 writes queued while the writer waited: the group it had taken when it blocked at
             # BEGIN, one group for everything else, then the flushing save_workflow.
@@ -535,16 +537,16 @@ async def test_a_failed_write_reaches_its_caller_and_spares_its_group(tmp_path: 
 
 
 @pytest.mark.anyio
-async def test_a_failed_event_batch_is_counted_and_the_writer_continues(tmp_path: Path) -> None:
+async def test_a_faulty_event_is_dropped_alone_and_the_writer_continues(tmp_path: Path) -> None:
     with anyio.fail_after(10):
         async with await SQLiteStore.open(tmp_path / "q.db") as store:
             store.append_events([event("r", 1), event("r", 2)])
-            store.append_events([event("r", 3), event("r", 2)])  # seq 2 again: the whole batch fails
+            store.append_events([event("r", 3), event("r", 2)])  # seq 2 again: only that event fails
             store.append_events([event("r", 4)])
             await store.save_call(call("r", 0))
-            assert [e.seq for e in await store.read_events("r")] == [1, 2, 4]
+            assert [e.seq for e in await store.read_events("r")] == [1, 2, 3, 4]
             stats = store.statistics()
-            assert (stats.events_dropped, stats.write_errors) == (2, 1)
+            assert (stats.events_dropped, stats.write_errors) == (1, 1)
 
 
 @pytest.mark.anyio
