@@ -30,7 +30,7 @@ import anyio
 
 from .. import models
 from ..errors import TerminalBackendError
-from ._prompts import SYSTEM_PROMPT, profile_for
+from ._prompts import SYSTEM_PROMPT, profile_and_model
 from ._protocol import AgentRequest, AgentResult, Correction, Usage
 
 if TYPE_CHECKING:
@@ -179,13 +179,7 @@ class AnthropicBackend:
         return self._result(request, message, transcript, warnings)
 
     def _build_params(self, request: AgentRequest, warnings: list[str]) -> dict[str, Any]:
-        profile = profile_for(self._profiles, request.agent_type)
-        model = models.choose_model(
-            request.model,
-            profile_model=profile.model if profile is not None else None,
-            default=str(request.settings.get("default_model") or self._default_model),
-            aliases=self._aliases,
-        )
+        profile, model = profile_and_model(self._profiles, request, self._default_model, self._aliases)
 
         max_tokens = self._max_tokens
         thinking: dict[str, Any] | None = None

@@ -38,7 +38,7 @@ import anyio
 from .. import models
 from ..errors import ConfigError, TerminalBackendError
 from ._protocol import AgentRequest, AgentResult, Usage
-from ._prompts import SYSTEM_PROMPT, profile_for
+from ._prompts import SYSTEM_PROMPT, profile_and_model
 from .anthropic import ProfileLike, RetryEvent, RetryHook
 
 if TYPE_CHECKING:
@@ -180,13 +180,7 @@ class ClaudeCodeBackend:
             query,
         )
 
-        profile = profile_for(self._profiles, request.agent_type)
-        model = models.choose_model(
-            request.model,
-            profile_model=profile.model if profile is not None else None,
-            default=str(request.settings.get("default_model") or self._default_model),
-            aliases=self._aliases,
-        )
+        profile, model = profile_and_model(self._profiles, request, self._default_model, self._aliases)
         allowed = list(getattr(profile, "tools", None) or self._tools)
         append = SYSTEM_PROMPT + (
             f"\n\n{profile.system_prompt.strip()}" if profile is not None and profile.system_prompt else ""
