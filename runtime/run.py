@@ -12,6 +12,7 @@ cancel scope (stop / restart) → journal the result durably → hand it to the 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from sandbox import Isolate, IsolateLimits, ScriptFailure, check_script
 
@@ -30,7 +32,6 @@ from .events import EventLog, EventType
 from .journal import Occurrences, ResumePlan, call_key
 from .limits import Limits
 from .options import RunOptions
-from .scheduling import PriorityLimiter
 from .schema import schema_problem
 from .state import AgentStatus, RunStatus, can_transition
 from .store import CallRecord, RunRecord, Store, WorkflowRecord
@@ -55,6 +56,10 @@ def _preview(value: Any) -> str:
 
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
+
+
+def _js_error(name: str, message: str) -> dict[str, str]:
+    return {"name": name, "message": message}
 
 
 def _priority(hint: Any, index: int) -> tuple[int, ...]:
@@ -101,8 +106,13 @@ class LiveCall:
     finished_at: float | None = None
     transcript: list[Any] = field(default_factory=list)
     scope: anyio.CancelScope | None = None
-    # Queue order on the run's limiter: later pipeline stages first, then lower item indices.
+    # Queue order on the run's queue: later pipeline stages first, then lower item indices.
     priority: tuple[int, ...] = ()
+    pipelined: bool = False  # started by a pipeline stage
+    schema: Any = None
+    cached_source: CallRecord | None = None  # served from the resume source, not executed
+    deliver: Callable[[bool, Any], None] | None = None
+    handled: Callable[[], Awaitable[None]] | None = None
     stop_requested: bool = False
     restart_requested: bool = False
 
@@ -191,7 +201,9 @@ class Run:
         self._next_index = first_index
         self.calls: dict[int, LiveCall] = {}
         self._occurrences = Occurrences()
-        self._limiter = PriorityLimiter(options.concurrency)
+        self._queue: list[tuple[tuple[int, ...], LiveCall]] = []  # a heap, most urgent first
+        self._workers = 0
+        self._tg: TaskGroup | None = None
         self._unpaused = anyio.Event()
         self._unpaused.set()
         self._cancel_scope: anyio.CancelScope | None = None
@@ -229,9 +241,12 @@ class Run:
         with anyio.CancelScope() as scope:
             self._cancel_scope = scope
             with anyio.move_on_after(self.options.timeout_s) as deadline:
-                driver = self._driver(self.body, args=self.record.args, has_args=self.record.has_args)
-                final = await driver.execute()
-                failure, result = final.failure, final.result
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg  # the run's agent workers
+                    driver = self._driver(self.body, args=self.record.args, has_args=self.record.has_args)
+                    final = await driver.execute()
+                    failure, result = final.failure, final.result
+                    tg.cancel_scope.cancel()  # agents the script started but never awaited
             if deadline.cancelled_caught:
                 failure = ScriptFailure("limit", "timeout", f"run exceeded its time limit of {self.options.timeout_s:g} s")
         if scope.cancelled_caught and not self._user_cancelled:
@@ -342,7 +357,9 @@ class Run:
         if call.status.terminal:
             raise InvalidAgentState(self.id, index, call.status.value, "stop", "queued or running")
         call.stop_requested = True
-        if call.scope is not None:
+        if call.status is AgentStatus.QUEUED and self._tg is not None:
+            self._tg.start_soon(self._stop_queued, call)  # still in the queue: resolve it now
+        elif call.scope is not None:
             call.scope.cancel()
 
     def restart_agent(self, index: int) -> None:
@@ -397,38 +414,27 @@ class Run:
 
     # --- agents -------------------------------------------------------------------------------
 
-    def _reject(self, name: str, message: str) -> tuple[bool, Any]:
-        return False, {"name": name, "message": message}
+    def submit_agent(
+        self,
+        payload: dict[str, Any],
+        *,
+        deliver: Callable[[bool, Any], None],
+        handled: Callable[[], Awaitable[None]] | None = None,
+        group: str | None = None,
+    ) -> None:
+        """Take one ``agent()`` request. ``deliver(ok, value)`` is called once with the output (or
+        null) or the error for JS; ``handled()`` waits until the script has handled a delivery.
 
-    async def agent(self, payload: dict[str, Any], *, group: str | None = None) -> tuple[bool, Any]:
-        """Fulfil one ``agent()`` request: (True, output-or-null) or (False, error info for JS)."""
-        if self.issued >= self.options.max_agents:
-            return self._reject(
-                "WorkflowAgentCapError",
-                f"agent cap reached: this run may start at most {self.options.max_agents} agents "
-                "(raise options.max_agents)",
-            )
-        budget = self.options.budget_tokens
-        if budget is not None and self.spent >= budget:
-            return self._reject(
-                "WorkflowBudgetExceededError", f"token budget exhausted: {self.spent} of {budget} output tokens spent"
-            )
-        schema = payload.get("schema")
-        if schema is not None:
-            problem = schema_problem(schema)
-            if problem:
-                return self._reject("TypeError", f"agent() option 'schema': {problem}")
-        agent_type = payload.get("agentType")
-        if agent_type is not None and agent_type not in self.ctx.profiles:
-            names = ", ".join(sorted(self.ctx.profiles)) or "none configured"
-            return self._reject("TypeError", f"unknown agentType {agent_type!r} (available: {names})")
-        if payload.get("unknown"):
-            self.warn(f"agent() ignores unknown option(s): {', '.join(payload['unknown'])}")
-        self.issued += 1
-        if self.issued == self.limits.many_agents_warning + 1:
-            self.warn(f"this run schedules more than {self.limits.many_agents_warning} agents")
-
+        Validation, journal lookups and queueing happen here, synchronously; execution happens
+        on the run's workers (at most ``concurrency``), most urgent call first.
+        """
+        rejection = self._validate(payload)
+        if rejection is not None:
+            deliver(False, rejection)
+            return
         prompt = str(payload["prompt"])
+        schema = payload.get("schema")
+        agent_type = payload.get("agentType")
         options: dict[str, Any] = {
             k: payload[k] for k in ("schema", "model", "effort", "agentType", "isolation", "timeout") if k in payload
         }
@@ -447,18 +453,56 @@ class Run:
         # The resume plan sees every call in issue order, recovered ones included: after a crash,
         # prefix mode must break at the same call as before it.
         planned = self._plan.lookup(key, occurrence) if self._plan else None
-        cached = recovered or planned
         index = recovered.index if recovered else self._take_index()
         call = LiveCall(index, key, occurrence, prompt, options, payload.get("label") or default_label(prompt),
                         stats.title,
                         model=self.ctx.resolve_model(payload.get("model"), self.options.model, agent_type))
         self.calls[index] = call
+        call.deliver, call.handled, call.schema = deliver, handled, schema
+        call.pipelined = isinstance(payload.get("priority"), list)
         call.priority = _priority(payload.get("priority"), index)
-        if cached is not None:
-            return True, await self._serve_cached(call, cached, same_run=recovered is not None)
-        self._count(call, None, AgentStatus.QUEUED)
-        self.events.emit(EventType.AGENT_QUEUED, call.event_data(prompt_preview=_preview(prompt)))
-        return await self._run_call(call, schema)
+        if recovered is not None:
+            deliver(True, self._serve_recovered(call, recovered))
+            return
+        if planned is not None:
+            call.cached_source = planned
+            call.priority = (-(1 << 30), index)  # no agent runs: serve it before anything else
+        else:
+            self._count(call, None, AgentStatus.QUEUED)
+            self.events.emit(EventType.AGENT_QUEUED, call.event_data(prompt_preview=_preview(prompt)))
+        heapq.heappush(self._queue, (call.priority, call))
+        while self._workers < min(self.options.concurrency, len(self._queue)) and self._tg is not None:
+            self._workers += 1
+            self._tg.start_soon(self._worker)
+
+    def _validate(self, payload: dict[str, Any]) -> dict[str, str] | None:
+        """The error for JS when the request cannot become an agent, else None (and count it)."""
+        if self.issued >= self.options.max_agents:
+            return _js_error(
+                "WorkflowAgentCapError",
+                f"agent cap reached: this run may start at most {self.options.max_agents} agents "
+                "(raise options.max_agents)",
+            )
+        budget = self.options.budget_tokens
+        if budget is not None and self.spent >= budget:
+            return _js_error(
+                "WorkflowBudgetExceededError", f"token budget exhausted: {self.spent} of {budget} output tokens spent"
+            )
+        schema = payload.get("schema")
+        if schema is not None:
+            problem = schema_problem(schema)
+            if problem:
+                return _js_error("TypeError", f"agent() option 'schema': {problem}")
+        agent_type = payload.get("agentType")
+        if agent_type is not None and agent_type not in self.ctx.profiles:
+            names = ", ".join(sorted(self.ctx.profiles)) or "none configured"
+            return _js_error("TypeError", f"unknown agentType {agent_type!r} (available: {names})")
+        if payload.get("unknown"):
+            self.warn(f"agent() ignores unknown option(s): {', '.join(payload['unknown'])}")
+        self.issued += 1
+        if self.issued == self.limits.many_agents_warning + 1:
+            self.warn(f"this run schedules more than {self.limits.many_agents_warning} agents")
+        return None
 
     def _take_index(self) -> int:
         while self._next_index in self.calls:
@@ -467,48 +511,71 @@ class Run:
         self._next_index += 1
         return index
 
-    async def _serve_cached(self, call: LiveCall, source: CallRecord, *, same_run: bool) -> Any:
+    def _serve_recovered(self, call: LiveCall, source: CallRecord) -> Any:
+        """A call this very run journaled before a crash: its result, its tokens, its status."""
         call.output = source.output
         call.attempt = source.attempts
         call.model = source.model or call.model
         call.started_at, call.finished_at = source.started_at, source.finished_at
-        # Recovery keeps the journaled status: completed, or cached from this run's resume source.
-        self._count(call, None, AgentStatus(source.status) if same_run else AgentStatus.CACHED)
-        if same_run:
-            # Recovery: the tokens were spent by this very run, before the crash.
-            call.usage = Usage.from_dict(source.usage)
-            call.cost_usd = source.cost_usd
-            call.transcript = list(source.transcript)
-            self._account(call)
-        else:
-            # On the live call too, so GET agents shows the same record before and after a restart.
-            call.transcript = [{"cached_from": source.run_id, "index": source.index}]
-            await self.ctx.store.save_call(call.record(self.id))
+        call.usage = Usage.from_dict(source.usage)
+        call.cost_usd = source.cost_usd
+        call.transcript = list(source.transcript)
+        self._count(call, None, AgentStatus(source.status))
+        self._account(call)
         self.events.emit(EventType.AGENT_CACHED, call.event_data(tokens=0, result_preview=_preview(call.output),
-                                                                 recovered=same_run))
+                                                                 recovered=True))
         return call.output
 
-    async def _run_call(self, call: LiveCall, schema: Any) -> tuple[bool, Any]:
-        """Queue, wait while paused, execute, settle.
+    async def _serve_cached(self, call: LiveCall, source: CallRecord) -> Any:
+        """A call the resume source completed: its result, 0 tokens, journaled as cached."""
+        call.output = source.output
+        call.attempt = source.attempts
+        call.model = source.model or call.model
+        call.started_at, call.finished_at = source.started_at, source.finished_at
+        # On the live call too, so GET agents shows the same record before and after a restart.
+        call.transcript = [{"cached_from": source.run_id, "index": source.index}]
+        await self._journal(call, AgentStatus.CACHED)
+        self.events.emit(EventType.AGENT_CACHED, call.event_data(tokens=0, result_preview=_preview(call.output),
+                                                                 recovered=False))
+        return call.output
 
-        The slot is held until the outcome is journaled: at most ``concurrency`` calls of a run are
-        ever executed but not yet durable, so a crash re-executes at most that many.
+    async def _worker(self) -> None:
+        """Serve queued calls, most urgent first, until the queue is empty.
+
+        A worker takes its next call only once the previous one is journaled: at most
+        ``concurrency`` calls of a run are ever executed but not yet durable.
         """
+        try:
+            while self._queue:
+                while not self._unpaused.is_set():
+                    await self._unpaused.wait()
+                if not self._queue:
+                    return
+                _, call = heapq.heappop(self._queue)
+                if call.stop_requested:
+                    continue  # stopped while queued: stop_agent settles it
+                if call.cached_source is not None:
+                    ok, value = True, await self._serve_cached(call, call.cached_source)
+                else:
+                    ok, value = await self._run_call(call)
+                assert call.deliver is not None
+                call.deliver(ok, value)
+                if call.pipelined and call.handled is not None:
+                    # Let the script start this item's next stage before a slot goes to a new item.
+                    await call.handled()
+        finally:
+            self._workers -= 1
+
+    async def _stop_queued(self, call: LiveCall) -> None:
+        ok, value = await self._settle_call(call, None)
+        if call.deliver is not None:
+            call.deliver(ok, value)
+
+    async def _run_call(self, call: LiveCall) -> tuple[bool, Any]:
+        """Execute (again on restart), then settle; the worker holds the run's slot throughout."""
         backend = self._backend_for(call)
-        # A stop while the call waits for a slot or for the run to resume ends the wait at once.
-        if not self._limiter.try_acquire():
-            call.scope = anyio.CancelScope()
-            with call.scope:
-                await self._limiter.acquire(call.priority)
-            if call.scope.cancelled_caught:
-                return await self._settle_call(call, None)
         try:
             while True:
-                if not self._unpaused.is_set():
-                    call.scope = anyio.CancelScope()
-                    with call.scope:
-                        while not self._unpaused.is_set():
-                            await self._unpaused.wait()
                 if call.stop_requested:
                     return await self._settle_call(call, None)
                 request = AgentRequest(
@@ -517,7 +584,7 @@ class Run:
                     prompt=call.prompt,
                     label=call.label,
                     phase=call.phase,
-                    schema=schema,
+                    schema=call.schema,
                     model=call.model,
                     effort=call.options.get("effort"),
                     agent_type=call.options.get("agentType"),
@@ -544,7 +611,6 @@ class Run:
                 return await self._settle_call(call, outcome)
         finally:
             call.scope = None
-            self._limiter.release()
 
     def backend_retry(self, index: int, attempt: int, reason: str, delay_s: float) -> None:
         call = self.calls.get(index)
@@ -628,14 +694,14 @@ class Run:
         record = await self.ctx.load_workflow(name)
         if record is None:
             names = ", ".join(await self.ctx.list_workflows()) or "none saved"
-            return self._reject("Error", f"workflow({name!r}): no saved workflow with that name (available: {names})")
+            return False, _js_error("Error", f"workflow({name!r}): no saved workflow with that name (available: {names})")
         checked = check_script(record.script, require_meta=True, max_bytes=self.limits.script_bytes)
         if not checked.ok:
             first = checked.errors[0]
-            return self._reject("Error", f"saved workflow {name!r} does not pass checks: "
+            return False, _js_error("Error", f"saved workflow {name!r} does not pass checks: "
                                          f"{first.line}:{first.column}: {first.message}")
         self.enter_phase(name, group=name)
         final = await self._driver(checked.body, args=args, has_args=has_args, depth=1, group=name).execute()
         if final.failure is not None:
-            return self._reject("Error", f"workflow {name!r} failed: {final.failure.describe()}")
+            return False, _js_error("Error", f"workflow {name!r} failed: {final.failure.describe()}")
         return True, final.result

@@ -68,6 +68,8 @@ class ScriptDriver:
         self._timer_heap: list[tuple[float, int]] = []
         self._timers_changed = anyio.Event()
         self._failure: ScriptFailure | None = None
+        self._handled: anyio.Event | None = None  # set after each slice's requests are handled
+        self._done = False
         self._tg: TaskGroup | None = None
 
     async def execute(self) -> Slice:
@@ -80,6 +82,8 @@ class ScriptDriver:
                 tg.cancel_scope.cancel()
             return final
         finally:
+            self._done = True
+            self._mark_handled()
             self._isolate.close()
 
     # --- the loop ---------------------------------------------------------------------------
@@ -88,6 +92,7 @@ class ScriptDriver:
         current = await self._pool.run(partial(self._isolate.start, self._body, self._config))
         while True:
             self._handle(current.requests)
+            self._mark_handled()
             if current.finished:
                 return current
             if self._failure is not None:
@@ -109,6 +114,19 @@ class ScriptDriver:
             batch, self._inbox = self._inbox, []
             current = await self._pool.run(partial(self._isolate.settle, batch, self.run.js_state()))
 
+    async def slice_handled(self) -> None:
+        """Wait until the script has run a slice and queued what that slice asked for."""
+        if self._done:
+            return
+        if self._handled is None:
+            self._handled = anyio.Event()
+        await self._handled.wait()
+
+    def _mark_handled(self) -> None:
+        if self._handled is not None:
+            self._handled.set()
+            self._handled = None
+
     def _deliver(self, request_id: int, ok: bool, value: Any) -> None:
         self._outstanding -= 1
         self._inbox.append((request_id, ok, value))
@@ -122,7 +140,9 @@ class ScriptDriver:
             kind, payload = request.kind, request.payload
             if kind == "agent":
                 self._outstanding += 1
-                self._tg.start_soon(self._agent, request.id, payload)
+                self.run.submit_agent(
+                    payload, deliver=partial(self._deliver, request.id), handled=self.slice_handled, group=self.group
+                )
             elif kind == "workflow":
                 self._outstanding += 1
                 self._tg.start_soon(self._workflow, request.id, payload)
@@ -139,10 +159,6 @@ class ScriptDriver:
                 self.run.record_failure(str(payload.get("message", "")))
 
     # --- requests ---------------------------------------------------------------------------
-
-    async def _agent(self, request_id: int, payload: dict[str, Any]) -> None:
-        ok, value = await self.run.agent(payload, group=self.group)
-        self._deliver(request_id, ok, value)
 
     async def _workflow(self, request_id: int, payload: dict[str, Any]) -> None:
         ok, value = await self.run.child_workflow(str(payload["name"]), payload.get("args"), "args" in payload)
