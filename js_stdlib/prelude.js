@@ -47,7 +47,7 @@
   let nextId = 1;
   let done = null; // set once the script's main promise settles
   let currentPhase = null;
-  let currentPriority = null; // [stage, item] while a pipeline stage runs synchronously
+  let currentPriority = null; // [stage, item, stages] while a pipeline stage runs synchronously
   let logLines = 0;
   const state = {
     maxAgents: 1000, maxItems: 4096, maxLogLines: 10000, depth: 0,
@@ -218,7 +218,7 @@
           // Agents started synchronously by this stage carry [stage, item] so the host can
           // let items stream through: later stages first, then lower item indices.
           const outer = currentPriority;
-          currentPriority = [s, i];
+          currentPriority = [s, i, stages.length];
           let pending;
           try {
             pending = stages[s](value, item, i);

@@ -62,11 +62,16 @@ def _js_error(name: str, message: str) -> dict[str, str]:
     return {"name": name, "message": message}
 
 
-def _priority(hint: Any, index: int) -> tuple[int, ...]:
-    """``[stage, item]`` from a pipeline stage → later stages first, then lower items; else FIFO."""
-    if isinstance(hint, list) and len(hint) == 2 and all(isinstance(x, int) for x in hint):
-        return (-hint[0], hint[1], index)
-    return (0, 0, index)
+def _pipeline_hint(hint: Any) -> tuple[int, int, int] | None:
+    """``[stage, item, stages]`` from the prelude when a pipeline stage started the call."""
+    if isinstance(hint, list) and len(hint) == 3 and all(isinstance(x, int) for x in hint):
+        return hint[0], hint[1], hint[2]
+    return None
+
+
+def _priority(hint: tuple[int, int, int] | None, index: int) -> tuple[int, ...]:
+    """Later pipeline stages first, then lower items, then issue order."""
+    return (-hint[0], hint[1], index) if hint is not None else (0, 0, index)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ class LiveCall:
     scope: anyio.CancelScope | None = None
     # Queue order on the run's queue: later pipeline stages first, then lower item indices.
     priority: tuple[int, ...] = ()
-    pipelined: bool = False  # started by a pipeline stage
+    next_stage: bool = False  # started by a pipeline stage that has a stage after it
     schema: Any = None
     cached_source: CallRecord | None = None  # served from the resume source, not executed
     deliver: Callable[[bool, Any], None] | None = None
@@ -459,8 +464,9 @@ class Run:
                         model=self.ctx.resolve_model(payload.get("model"), self.options.model, agent_type))
         self.calls[index] = call
         call.deliver, call.handled, call.schema = deliver, handled, schema
-        call.pipelined = isinstance(payload.get("priority"), list)
-        call.priority = _priority(payload.get("priority"), index)
+        hint = _pipeline_hint(payload.get("priority"))
+        call.next_stage = hint is not None and hint[0] + 1 < hint[2]
+        call.priority = _priority(hint, index)
         if recovered is not None:
             deliver(True, self._serve_recovered(call, recovered))
             return
@@ -560,8 +566,9 @@ class Run:
                     ok, value = await self._run_call(call)
                 assert call.deliver is not None
                 call.deliver(ok, value)
-                if call.pipelined and call.handled is not None:
-                    # Let the script start this item's next stage before a slot goes to a new item.
+                if call.next_stage and call.handled is not None and self._queue and self._queue[0][0] > call.priority:
+                    # Only items further behind are waiting: let the script start this item's next
+                    # stage before the slot goes to one of them.
                     await call.handled()
         finally:
             self._workers -= 1
