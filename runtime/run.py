@@ -121,13 +121,13 @@ class LiveCall:
     stop_requested: bool = False
     restart_requested: bool = False
 
-    def record(self, run_id: str) -> CallRecord:
+    def record(self, run_id: str, status: AgentStatus | None = None) -> CallRecord:
         return CallRecord(
             run_id=run_id,
             index=self.index,
             key=self.key,
             occurrence=self.occurrence,
-            status=self.status.value,
+            status=(status or self.status).value,
             prompt=self.prompt,
             options=self.options,
             label=self.label,
@@ -679,7 +679,7 @@ class Run:
     async def _journal(self, call: LiveCall, status: AgentStatus) -> None:
         """Journal the call in its final status, then show that status: a live view never shows
         a result that a crash could still lose."""
-        await self.ctx.store.save_call(replace(call.record(self.id), status=status.value))
+        await self.ctx.store.save_call(call.record(self.id, status))
         self._count(call, call.status, status)
 
     def _account(self, call: LiveCall) -> None:
