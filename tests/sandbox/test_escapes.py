@@ -67,7 +67,7 @@ class Escape:
     id: str
     script: str
     rejected: str | None = None  # ScriptRejected message fragment
-    error: str | None = None  # failed run: error message fragment
+    error: str | tuple[str, ...] | None = None  # failed run: error message fragment (any of several)
     result: Any = _UNSET  # completed run: exact result
     check: Check | None = None  # extra assertions on the finished run and its events
     guard: str | None = None  # a HOST_GUARDS attack that must first leave a child process responsive
@@ -77,7 +77,7 @@ def rejected(id: str, script: str, fragment: str) -> Escape:
     return Escape(id, textwrap.dedent(script).strip(), rejected=fragment)
 
 
-def fails(id: str, script: str, fragment: str, check: Check | None = None, guard: str | None = None) -> Escape:
+def fails(id: str, script: str, fragment: str | tuple[str, ...], check: Check | None = None, guard: str | None = None) -> Escape:
     return Escape(id, textwrap.dedent(script).strip(), error=fragment, check=check, guard=guard)
 
 
@@ -460,7 +460,8 @@ ESCAPES: list[Escape] = [
         [MAX_AGENTS, 200 - MAX_AGENTS],
         check=_only_cap_agents_issued,
     ),
-    fails("workflow-request-flood", "for (;;) workflow('missing')", MEMORY),
+    # Which limit comes first depends on the machine's speed: both end the run cleanly.
+    fails("workflow-request-flood", "for (;;) workflow('missing')", (MEMORY, SLICE)),
     fails("parallel-past-4096", "return await parallel(Array.from({ length: 5000 }, () => () => 1))",
           "at most 4096"),
     fails("never-settling-promise", "await new Promise(() => {})", "can never settle"),
@@ -488,7 +489,8 @@ def outcome_problems(escape: Escape, record: RunRecord, events: list[EventRecord
     if escape.error is not None:
         if record.status != "failed" or record.error is None:
             return [f"{where} expected failure with {escape.error!r}, got {record.status}: {record.result!r}"]
-        if escape.error not in record.error["message"]:
+        fragments = escape.error if isinstance(escape.error, tuple) else (escape.error,)
+        if not any(fragment in record.error["message"] for fragment in fragments):
             return [f"{where} expected an error containing {escape.error!r}, got {record.error['message']!r}"]
     else:
         if record.status != "completed":
