@@ -1,13 +1,14 @@
 """A run: one script's execution, its agents, its accounting and its controls.
 
 The :class:`Run` owns what the main script and a ``workflow()`` child share: the status, the
-agent counter and cap, the token budget, the per-run concurrency limit, the pause gate, the
-journal lookups (crash recovery and ``resume_from``), phases, and every agent call. The
-script itself is driven by :class:`runtime.script.ScriptDriver`.
+agent counter and cap, the token budget, the queue of agent calls and its workers (at most
+``concurrency``), the pause gate, the journal lookups (crash recovery and ``resume_from``),
+phases, and every agent call. The script itself is driven by :class:`runtime.script.ScriptDriver`.
 
-Agent calls flow: validate (cap, budget, schema, agentType) → journal lookup (cached?) →
-queue on the run's limiter → wait while paused → execute through the dispatcher under a
-cancel scope (stop / restart) → journal the result durably → hand it to the script.
+Agent calls flow: validate (cap, budget, schema, agentType) and look up the journal while the
+outbox is handled → queue, most urgent first → a worker takes it once the run is not paused →
+execute through the dispatcher under a cancel scope (stop / restart) → journal the result
+durably → hand it to the script.
 """
 
 from __future__ import annotations
@@ -143,6 +144,13 @@ class LiveCall:
             error=self.error,
             transcript=list(self.transcript),
         )
+
+    def take_result(self, source: CallRecord) -> None:
+        """Adopt a journaled call's answer instead of executing this one."""
+        self.output = source.output
+        self.attempt = source.attempts
+        self.model = source.model or self.model
+        self.started_at, self.finished_at = source.started_at, source.finished_at
 
     def event_data(self, **extra: Any) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -519,10 +527,7 @@ class Run:
 
     def _serve_recovered(self, call: LiveCall, source: CallRecord) -> Any:
         """A call this very run journaled before a crash: its result, its tokens, its status."""
-        call.output = source.output
-        call.attempt = source.attempts
-        call.model = source.model or call.model
-        call.started_at, call.finished_at = source.started_at, source.finished_at
+        call.take_result(source)
         call.usage = Usage.from_dict(source.usage)
         call.cost_usd = source.cost_usd
         call.transcript = list(source.transcript)
@@ -534,10 +539,7 @@ class Run:
 
     async def _serve_cached(self, call: LiveCall, source: CallRecord) -> Any:
         """A call the resume source completed: its result, 0 tokens, journaled as cached."""
-        call.output = source.output
-        call.attempt = source.attempts
-        call.model = source.model or call.model
-        call.started_at, call.finished_at = source.started_at, source.finished_at
+        call.take_result(source)
         # On the live call too, so GET agents shows the same record before and after a restart.
         call.transcript = [{"cached_from": source.run_id, "index": source.index}]
         await self._journal(call, AgentStatus.CACHED)

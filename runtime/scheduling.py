@@ -1,9 +1,9 @@
 """A capacity limiter that hands free slots to the most urgent waiter, not the oldest.
 
-Excess ``agent()`` calls queue on their run's limiter. First-come-first-served would make a
-``pipeline`` finish its first item only after every item's first stage ran; serving later
-stages first (then lower item indices, then issue order) lets items stream through while the
-slots stay just as busy. Priorities are tuples; smaller is more urgent.
+The dispatcher's server-wide agent limit: ``try_acquire`` takes a free slot without awaiting
+(the common case costs no task switch), and waiters are served by priority, FIFO among equals.
+Priorities are tuples; smaller is more urgent. (A run orders its own calls in its queue; see
+``runtime.run``.)
 """
 
 from __future__ import annotations
