@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -84,25 +84,64 @@ class Dispatcher:
         backend_name: str,
         request: AgentRequest,
         *,
-        scope: anyio.CancelScope | None = None,
+        open_scope: Callable[[], anyio.CancelScope] = anyio.CancelScope,
         on_retry: Callable[[int, str], None] | None = None,
     ) -> AgentOutcome:
-        """Run one call to an outcome, under ``scope`` (the caller's handle to stop or restart it).
+        """Run one call to an outcome under a scope from ``open_scope()``: the caller keeps it as
+        its handle to stop or restart the call.
 
         The agent's timeout becomes the scope's deadline once a server-wide slot is held. When
         the scope is cancelled the outcome is ``timeout``; a caller that cancelled it on purpose
         knows better and says so.
+
+        Eager start, for a backend that allows it (``eager``, see ``AgentBackend``) when a server
+        slot is free: the attempt loop takes its first step right here. An answer that needs no
+        await (a zero-latency simulated agent) is then done without ever opening a scope, which
+        would cost more than such a call itself. Anything that awaits continues under the scope
+        and its deadline, as if it had started there: no other task ran in between, so nobody
+        could have wanted to stop it yet.
         """
-        scope = scope or anyio.CancelScope()
+        backend = self.backends[backend_name]
+        if not getattr(backend, "eager", False) or not self._limiter.try_acquire():
+            return await self._execute_scoped(backend, request, open_scope(), on_retry)
+        self._executed += 1
+        attempts = self._attempts(backend, request, on_retry)
+        try:
+            first = attempts.send(None)
+        except StopIteration as done:
+            self._limiter.release()
+            return cast(AgentOutcome, done.value)
+        except BaseException:
+            self._limiter.release()
+            raise
+        scope = open_scope()
+        try:
+            with scope:
+                scope.deadline = min(scope.deadline, anyio.current_time() + request.timeout_s)
+                return await _Continue(attempts, first)
+        finally:
+            self._limiter.release()
+        return self._timed_out(request)
+
+    async def _execute_scoped(
+        self,
+        backend: AgentBackend,
+        request: AgentRequest,
+        scope: anyio.CancelScope,
+        on_retry: Callable[[int, str], None] | None,
+    ) -> AgentOutcome:
         with scope:
-            if not self._limiter.try_acquire():
-                await self._limiter.acquire()
+            await self._limiter.acquire()
             try:
                 self._executed += 1
                 scope.deadline = min(scope.deadline, anyio.current_time() + request.timeout_s)
-                return await self._attempts(self.backends[backend_name], request, on_retry)
+                return await self._attempts(backend, request, on_retry)
             finally:
                 self._limiter.release()
+        return self._timed_out(request)
+
+    @staticmethod
+    def _timed_out(request: AgentRequest) -> AgentOutcome:
         return AgentOutcome(
             status="timeout",
             error=f"agent timed out after {request.timeout_s:g} s",
@@ -173,6 +212,38 @@ class Dispatcher:
                                 transcript=tuple(transcript))
         return AgentOutcome("completed", output=output, usage=usage, cost_usd=cost, model=model,
                             attempts=attempts, transcript=tuple(transcript))
+
+
+class _Continue:
+    """Await a coroutine that has already taken its first step and yielded ``first``.
+
+    The same delegation ``await`` does: whatever the event loop sends or throws (a result, a
+    cancellation) goes to the coroutine, whatever it yields goes to the event loop.
+    """
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, AgentOutcome], first: Any) -> None:
+        self._coro, self._first = coro, first
+
+    def __await__(self) -> Generator[Any, Any, AgentOutcome]:
+        coro, pending = self._coro, self._first
+        while True:
+            try:
+                sent = yield pending
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration as done:
+                    return cast(AgentOutcome, done.value)
+            else:
+                try:
+                    pending = coro.send(sent)
+                except StopIteration as done:
+                    return cast(AgentOutcome, done.value)
 
 
 def _structured(result: AgentResult, schema: Mapping[str, Any]) -> tuple[Any, str | None]:

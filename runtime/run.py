@@ -145,6 +145,11 @@ class LiveCall:
             transcript=list(self.transcript),
         )
 
+    def open_scope(self) -> anyio.CancelScope:
+        """The scope the dispatcher runs this call under: ``stop`` and ``restart`` cancel it."""
+        self.scope = anyio.CancelScope()
+        return self.scope
+
     def take_result(self, source: CallRecord) -> None:
         """Adopt a journaled call's answer instead of executing this one."""
         self.output = source.output
@@ -604,10 +609,10 @@ class Run:
                 )
                 self._count(call, call.status, AgentStatus.RUNNING)
                 call.started_at = time.time()
+                call.scope = None  # the dispatcher opens one if the call awaits
                 self.events.emit(EventType.AGENT_STARTED, call.event_data())
-                call.scope = anyio.CancelScope()
                 outcome = await self.ctx.dispatcher.execute(
-                    backend, request, scope=call.scope,
+                    backend, request, open_scope=call.open_scope,
                     on_retry=lambda attempt, error: self._on_retry(call, attempt, error),
                 )
                 if call.restart_requested:

@@ -97,6 +97,13 @@ class AgentResult:
 
 @runtime_checkable
 class AgentBackend(Protocol):
+    """``name`` names the backend in options and errors.
+
+    A backend may also set ``eager = True`` when its ``call`` opens no cancel scope or task
+    group before its first await: the dispatcher then starts it before opening the call's own
+    scope, and an answer that needs no await (a zero-latency simulated agent) costs no scope.
+    """
+
     name: str
 
     async def call(self, request: AgentRequest) -> AgentResult: ...

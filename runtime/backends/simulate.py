@@ -122,6 +122,7 @@ def check_simulate_settings(settings: Any) -> dict[str, Any]:
 
 class SimulateBackend:
     name = "simulate"
+    eager = True  # call() awaits nothing but a plain sleep: see AgentBackend
 
     def __init__(self, record_path: Path | None = None) -> None:
         env = os.environ.get("QUICKFLOW_SIMULATE_RECORD")
