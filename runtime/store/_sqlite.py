@@ -46,6 +46,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 import anyio
+import orjson
 
 from ..errors import ConfigError, Conflict
 from ._migrations import apply_migrations
@@ -61,6 +62,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _Row = tuple[Any, ...]
 _Outcome = tuple["_Write", int, BaseException | None]
+_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[int]"]
 
 # How long a connection waits for a lock held by another process using the same file
 # (a second ``quickflow`` pointed at the same data directory) before failing.
@@ -87,10 +89,12 @@ class _Write:
     what: str  # for log messages
     params: tuple[Any, ...] = ()
     rows: list[_Row] | None = None
-    waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[int]] | None = None
+    waiter: _Waiter | None = None
     # Records encoded to rows by the writer thread, keeping JSON encoding off the event loop.
     records: Sequence[Any] | None = None
     encode: Callable[[Any], _Row] | None = None
+    # A batch of awaited records (journal entries): ``waiters[i]`` waits for ``records[i]``.
+    waiters: list[_Waiter] | None = None
 
     def run(self, conn: sqlite3.Connection) -> int:
         if self.records is not None and self.encode is not None:
@@ -98,6 +102,13 @@ class _Write:
             return cursor.rowcount
         cursor = conn.execute(self.sql, self.params) if self.rows is None else conn.executemany(self.sql, self.rows)
         return cursor.rowcount
+
+    def split(self) -> list[_Write]:
+        """One write per record, each with its own waiter: to find the one record that fails."""
+        assert self.records is not None
+        waiters = self.waiters or [None] * len(self.records)
+        return [_Write(self.sql, self.what, records=[r], encode=self.encode, waiter=w)
+                for r, w in zip(self.records, waiters)]
 
     @property
     def event_count(self) -> int:
@@ -119,7 +130,13 @@ class _WriteFailed(Exception):
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # orjson encodes a journal entry several times faster than the json module, and the writer
+    # thread encodes under the GIL, competing with the event loop. It refuses what JSON from a
+    # script never holds (integers past 64 bits, non-string keys): those take the slow road.
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _loads(text: str) -> Any:
@@ -288,7 +305,10 @@ class SQLiteStore:
         self._queue: queue.Queue[_Write | None] = queue.Queue()
         # Guards ``_closing``, ``_writer_alive`` against enqueues, and the idle reader pool.
         self._lock = threading.Lock()
+        # Events and journal entries gather here; the writer takes them whole with its next group.
         self._events_pending: list[EventRecord] = []
+        self._calls_pending: list[CallRecord] = []
+        self._calls_waiting: list[_Waiter] = []
         self._closing = False
         self._writer_alive = True
         self._closed = anyio.Event()
@@ -352,10 +372,7 @@ class SQLiteStore:
 
     def _enqueue(self, write: _Write) -> None:
         with self._lock:
-            if self._closing:
-                raise RuntimeError(f"the store {self._path} is closed")
-            if not self._writer_alive:
-                raise RuntimeError(f"the writer of the store {self._path} has stopped; see the log")
+            self._check_open()
             self._queue.put(write)
 
     async def _write_records(self, sql: str, records: Sequence[Any], encode: Callable[[Any], _Row], what: str) -> int:
@@ -384,25 +401,49 @@ class SQLiteStore:
             raise
 
     async def save_call(self, call: CallRecord) -> None:
-        await self._write_records(_SAVE_CALL, (call,), _call_params, f"call {call.run_id}#{call.index}")
+        # Journal entries gather like events, so a burst of finished agents costs one queue
+        # operation; each caller still waits for the COMMIT that includes its own entry.
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        with self._lock:
+            self._check_open()
+            wake = not self._events_pending and not self._calls_pending
+            self._calls_pending.append(call)
+            self._calls_waiting.append((loop, future))
+        if wake:
+            self._queue.put(_WAKE)
+        await future
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
-        # Events gather in one list that the writer takes whole with its next group; only the
-        # first event after a take wakes the writer, so a burst costs one queue operation.
+        # Only the first event after a take wakes the writer, so a burst costs one queue operation.
         if not events:
             return
         with self._lock:
             if self._closing:
                 raise RuntimeError(f"the store {self._path} is closed")
-            wake = not self._events_pending
+            wake = not self._events_pending and not self._calls_pending
             self._events_pending.extend(events)
         if wake:
             self._queue.put(_WAKE)
 
-    def _take_events(self) -> _Write | None:
+    def _check_open(self) -> None:
+        if self._closing:
+            raise RuntimeError(f"the store {self._path} is closed")
+        if not self._writer_alive:
+            raise RuntimeError(f"the writer of the store {self._path} has stopped; see the log")
+
+    def _take_pending(self) -> list[_Write]:
         with self._lock:
             events, self._events_pending = self._events_pending, []
-        return _Write(_INSERT_EVENT, "events", records=events, encode=_event_params) if events else None
+            calls, self._calls_pending = self._calls_pending, []
+            waiting, self._calls_waiting = self._calls_waiting, []
+        writes = []
+        if events:
+            writes.append(_Write(_INSERT_EVENT, "events", records=events, encode=_event_params))
+        if calls:
+            writes.append(_Write(_SAVE_CALL, f"{len(calls)} journal entries", records=calls, encode=_call_params,
+                                 waiters=waiting))
+        return writes
 
     async def save_workflow(self, workflow: WorkflowRecord) -> None:
         await self._write(_SAVE_WORKFLOW, _workflow_params(workflow), f"workflow {workflow.name}")
@@ -429,10 +470,9 @@ class SQLiteStore:
                         item = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                # Taken after the queue: events appended before a queued write are in this group.
-                events = self._take_events()
-                if events is not None:
-                    group.insert(0, events)
+                # Taken after the queue: events and journal entries added before a queued write
+                # are in this group.
+                group[:0] = self._take_pending()
                 if group:
                     self._finish(self._commit_group(conn, group))
                     group = []
@@ -441,7 +481,7 @@ class SQLiteStore:
             logger.critical("store: the writer thread of %s died", self._path, exc_info=True)
             with self._lock:
                 self._writer_alive = False
-            pending = group + self._drain()
+            pending = group + self._drain() + self._take_pending()
             self._finish([(w, 0, _copy_error(exc)) for w in pending])
             raise
         finally:
@@ -465,11 +505,8 @@ class SQLiteStore:
             # events of a merged batch are replayed one by one, so only a faulty event is lost.
             outcomes: list[_Outcome] = []
             for w in group:
-                if w.sql == _INSERT_EVENT and w.records is not None and len(w.records) > 1:
-                    outcomes.extend(
-                        self._commit_alone(conn, _Write(_INSERT_EVENT, "event", records=[r], encode=w.encode))
-                        for r in w.records
-                    )
+                if w.records is not None and len(w.records) > 1:
+                    outcomes.extend(self._commit_alone(conn, one) for one in w.split())
                 else:
                     outcomes.append(self._commit_alone(conn, w))
             return outcomes
@@ -510,14 +547,18 @@ class SQLiteStore:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int, BaseException | None]]] = {}
         for write, result, error in outcomes:
             events = write.event_count
+            writes = len(write.waiters) if write.waiters is not None else 1
             if error is None:
-                self._writes += 1
+                self._writes += writes
                 self._events += events
             else:
-                self._write_errors += 1
-                if write.waiter is None:
+                self._write_errors += writes
+                if write.waiter is None and write.waiters is None:
                     self._events_dropped += events
                     logger.error("store: dropped %s: %s", write.what, error)
+            if write.waiters is not None:  # a batch of journal entries: one row each
+                for loop, future in write.waiters:
+                    by_loop.setdefault(loop, []).append((future, 1 if error is None else 0, error))
             if write.waiter is not None:
                 loop, future = write.waiter
                 by_loop.setdefault(loop, []).append((future, result, error))
