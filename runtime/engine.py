@@ -297,6 +297,15 @@ class Engine:
 
     def _resolve_model(self, requested: str | None, run_model: str | None, agent_type: str | None = None) -> str:
         """The script's model, else the agent profile's, else the run's, else the server default."""
+        return self._resolve_model_cached(requested, run_model, agent_type)
+
+    @functools.cached_property
+    def _resolve_model_cached(self) -> Any:
+        # Once per distinct request: the alias tables are configuration. Bounded, because the
+        # requested name comes from scripts.
+        return functools.lru_cache(maxsize=1024)(self._choose_model)
+
+    def _choose_model(self, requested: str | None, run_model: str | None, agent_type: str | None) -> str:
         profile = self.settings.profiles.get(agent_type) if agent_type else None
         return models.choose_model(
             requested,

@@ -71,7 +71,7 @@ class EventLog:
 
     def emit(self, type: EventType, data: dict[str, Any] | None = None) -> EventRecord:
         self._seq += 1
-        event = EventRecord(self._seq, time.time(), self.run_id, type.value, data or {})
+        event = EventRecord(self._seq, time.time(), self.run_id, type._value_, data or {})
         self._events.append(event)
         self._store.append_events((event,))
         if self._listener is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -38,13 +39,19 @@ def call_key(
     # with the keys in sorted order: sorting and encoding a dict per call was a hot spot.
     text = (
         f'{{"agentType":{_json(agent_type)},"effort":{_json(effort)},"isolation":{_json(isolation)},'
-        f'"model":{_json(model)},"prompt":{_json(prompt)},'
+        f'"model":{_json(model)},"prompt":{encode_basestring(prompt)},'
         f'"schema":{"null" if schema is None else canonical_json(schema)}}}'
     )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-_json = json.JSONEncoder(ensure_ascii=False).encode
+def _json(value: str | None) -> str:
+    # The options are strings or absent; anything else goes through the full encoder.
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return encode_basestring(value)
+    return canonical_json(value)
 
 
 def _completed(call: CallRecord) -> bool:

@@ -59,6 +59,10 @@ def _preview(value: Any) -> str:
     return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
 
 
+#: The agent() options a call's journal entry keeps (label and phase have their own columns).
+_CALL_OPTIONS = frozenset({"schema", "model", "effort", "agentType", "isolation", "timeout"})
+
+
 def _js_error(name: str, message: str) -> dict[str, str]:
     return {"name": name, "message": message}
 
@@ -89,7 +93,7 @@ class RunContext:
     list_workflows: Callable[[], Awaitable[list[str]]]
 
 
-@dataclass
+@dataclass(slots=True)
 class LiveCall:
     """An agent call while its run is live; ``record()`` is its journal entry."""
 
@@ -128,7 +132,7 @@ class LiveCall:
             index=self.index,
             key=self.key,
             occurrence=self.occurrence,
-            status=(status or self.status).value,
+            status=(status or self.status)._value_,  # not .value: a property, and this is hot
             prompt=self.prompt,
             options=self.options,
             label=self.label,
@@ -426,8 +430,10 @@ class Run:
     def _count(self, call: LiveCall, old: AgentStatus | None, new: AgentStatus) -> None:
         counts = self.phases[call.phase].counts
         if old is not None:
-            counts[old.value] = counts.get(old.value, 0) - 1
-        counts[new.value] = counts.get(new.value, 0) + 1
+            value = old._value_  # not .value, a property: this runs 3 times per agent
+            counts[value] = counts.get(value, 0) - 1
+        value = new._value_
+        counts[value] = counts.get(value, 0) + 1
         call.status = new
 
     # --- agents -------------------------------------------------------------------------------
@@ -451,18 +457,16 @@ class Run:
             deliver(False, rejection)
             return
         prompt = str(payload["prompt"])
-        schema = payload.get("schema")
-        agent_type = payload.get("agentType")
-        options: dict[str, Any] = {
-            k: payload[k] for k in ("schema", "model", "effort", "agentType", "isolation", "timeout") if k in payload
-        }
+        options: dict[str, Any] = {k: v for k, v in payload.items() if k in _CALL_OPTIONS}
+        schema = options.get("schema")
+        agent_type = options.get("agentType")
         key = call_key(
             prompt,
             schema=schema,
-            model=payload.get("model"),
-            effort=payload.get("effort"),
+            model=options.get("model"),
+            effort=options.get("effort"),
             agent_type=agent_type,
-            isolation=payload.get("isolation"),
+            isolation=options.get("isolation"),
         )
         occurrence = self._occurrences.next(key)
         phase_title = f"▸ {group}" if group else (payload.get("phase") or NO_PHASE)
@@ -474,7 +478,7 @@ class Run:
         index = recovered.index if recovered else self._take_index()
         call = LiveCall(index, key, occurrence, prompt, options, payload.get("label") or default_label(prompt),
                         stats.title,
-                        model=self.ctx.resolve_model(payload.get("model"), self.options.model, agent_type))
+                        model=self.ctx.resolve_model(options.get("model"), self.options.model, agent_type))
         self.calls[index] = call
         call.deliver, call.handled, call.schema = deliver, handled, schema
         hint = _pipeline_hint(payload.get("priority"))
@@ -659,7 +663,7 @@ class Run:
         call.attempt = max(call.attempt, outcome.attempts)
         call.transcript = list(outcome.transcript)
         for entry in call.transcript:
-            if isinstance(entry, Mapping) and entry.get("type") == "warning":
+            if isinstance(entry, dict) and entry.get("type") == "warning":
                 self.warn(f"agent {call.index} ({call.label}): {entry.get('message', '')}")
         self._account(call)
         tokens = {"input": outcome.usage.input_tokens, "output": outcome.usage.output_tokens}
