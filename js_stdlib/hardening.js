@@ -62,7 +62,9 @@
     return promise;
   };
   defineProperty(SafePromise, 'prototype', { value: RealPromise.prototype, writable: false });
-  defineProperty(RealPromise.prototype, 'constructor', { value: SafePromise, writable: true, configurable: true });
+  // Fixed, not an overridable accessor like other prototypes' constructors: the engine reads it on
+  // every await, and a getter would run JS there.
+  defineProperty(RealPromise.prototype, 'constructor', { value: SafePromise, writable: false, configurable: false });
   Object.setPrototypeOf(SafePromise, getPrototypeOf(RealPromise));
   for (const key of ownKeys(RealPromise)) {
     if (key === 'prototype' || key === 'length' || key === 'name') continue;
@@ -73,6 +75,10 @@
     value: function (fn, ...args) { return new this((resolve) => resolve(fn(...args))); },
     writable: true, configurable: true,
   });
+  // No species: promises made by then() and await come from the engine's own constructor, whose
+  // executor is native (no user code can run inside its catch), instead of a JS call to the one
+  // above for every then(). Subclasses' then() therefore returns plain promises.
+  defineProperty(SafePromise, Symbol.species, { value: undefined, writable: false, configurable: false });
   defineProperty(g, 'Promise', { value: SafePromise, writable: false, configurable: false, enumerable: false });
 
   // --- determinism -----------------------------------------------------------------------

@@ -154,6 +154,24 @@ ESCAPES: list[Escape] = [
           guard="promise-executor"),
     fails("Promise-subclass-swallowing-the-interrupt",
           "class P extends Promise {}\nfor (;;) { new P(() => { for (;;) {} }) }", SLICE, guard="promise-executor"),
+    # Every road to a promise constructor leads to the safe one; then() and await use the engine's.
+    fails("promise-constructor-via-an-instance-swallowing-the-interrupt",
+          "const P = (async () => {})().constructor\nfor (;;) { new P(() => { for (;;) {} }) }", SLICE,
+          guard="promise-executor"),
+    fails("promise-constructor-via-species-swallowing-the-interrupt",
+          "const P = Promise[Symbol.species] || Promise.prototype.constructor\n"
+          "for (;;) { new P(() => { for (;;) {} }) }", SLICE, guard="promise-executor"),
+    completes(
+        "promise-subclass-then-and-await",
+        """
+        class P extends Promise {}
+        const p = new P((resolve) => resolve(1))
+        const q = p.then((v) => v + 1)
+        return [q instanceof Promise, await q, await p, (async () => {})().constructor === Promise,
+                Promise[Symbol.species]]
+        """,
+        [True, 2, 1, True, None],
+    ),
     fails("promise-flood-without-executors", "for (;;) Promise.withResolvers()", SLICE, guard="promise-capability"),
     fails("promise-capability-swallowing-the-interrupt", HOST_GUARDS["promise-capability"], SLICE,
           guard="promise-capability"),
