@@ -29,7 +29,7 @@ MAX_SCHEMA_ATTEMPTS = 5
 logger = logging.getLogger("quickflow.dispatcher")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen (cheaper to make, once per call); treat as immutable
 class AgentOutcome:
     """``status``: completed | failed | timeout | structured_output_error."""
 
@@ -171,7 +171,7 @@ class Dispatcher:
                 return AgentOutcome("failed", usage=usage, cost_usd=cost, attempts=attempt,
                                     error=f"backend error: {type(exc).__name__}: {exc}",
                                     transcript=tuple(transcript), model=model)
-            usage = usage + result.usage
+            usage = result.usage if attempt == 1 else usage + result.usage
             cost += result.cost_usd or (self._cost(result.model or model or "", result.usage) if self._cost else 0.0)
             model = result.model or model
             transcript.extend(result.transcript)

@@ -13,6 +13,7 @@ durably → hand it to the script.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import re
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from sandbox import Isolate, IsolateLimits, ScriptFailure, check_script
@@ -45,6 +47,8 @@ NO_PHASE = "(no phase)"
 MAX_PHASES = 1000
 TOO_MANY_PHASES = "(more phases)"
 PREVIEW_CHARS = 200
+# A worker whose calls finish without awaiting yields to the event loop after this long.
+_WORKER_TURN_S = 0.002
 
 
 def default_label(prompt: str) -> str:
@@ -123,6 +127,8 @@ class LiveCall:
     cached_source: CallRecord | None = None  # served from the resume source, not executed
     deliver: Callable[[bool, Any], None] | None = None
     handled: Callable[[], Awaitable[None]] | None = None
+    delivered: bool = False  # the script has been handed the result (or never will be)
+    on_delivered: asyncio.Future[None] | None = None  # resolved then, for a worker that waits for it
     stop_requested: bool = False
     restart_requested: bool = False
 
@@ -230,6 +236,7 @@ class Run:
         self._unpaused.set()
         self._cancel_scope: anyio.CancelScope | None = None
         self._user_cancelled = False
+        self._journal_error: BaseException | None = None
         self.issued = 0
         self.usage = Usage()
         self.cost_usd = 0.0
@@ -271,6 +278,8 @@ class Run:
                     tg.cancel_scope.cancel()  # agents the script started but never awaited
             if deadline.cancelled_caught:
                 failure = ScriptFailure("limit", "timeout", f"run exceeded its time limit of {self.options.timeout_s:g} s")
+        if self._journal_error is not None:
+            raise self._journal_error  # the engine records the run as crashed
         if scope.cancelled_caught and not self._user_cancelled:
             return  # cancelled from outside (shutdown); the enclosing cancellation propagates
         with anyio.CancelScope(shield=True):
@@ -494,7 +503,13 @@ class Run:
             self._count(call, None, AgentStatus.QUEUED)
             self.events.emit(EventType.AGENT_QUEUED, call.event_data(prompt_preview=_preview(prompt)))
         heapq.heappush(self._queue, (call.priority, call))
-        while self._workers < min(self.options.concurrency, len(self._queue)) and self._tg is not None:
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        """Enough workers for the queue, at most ``concurrency``."""
+        if self._tg is None:
+            return
+        while self._workers < min(self.options.concurrency, len(self._queue)):
             self._workers += 1
             self._tg.start_soon(self._worker)
 
@@ -559,11 +574,19 @@ class Run:
     async def _worker(self) -> None:
         """Serve queued calls, most urgent first, until the queue is empty.
 
-        A worker takes its next call only once the previous one is journaled: at most
-        ``concurrency`` calls of a run are ever executed but not yet durable.
+        A worker holds one of the run's ``concurrency`` slots while a call executes; it takes
+        the next call while the previous one is being journaled, but not a third before that
+        commit: at most twice ``concurrency`` calls are ever executed but not yet durable (what a
+        crash can make run again). The script sees a result only once it is durable
+        (``_settle_call``).
         """
         try:
+            yielded = time.monotonic()
+            previous: LiveCall | None = None
             while self._queue:
+                if previous is not None and not previous.delivered:
+                    await self._delivered(previous)
+                    yielded = time.monotonic()
                 while not self._unpaused.is_set():
                     await self._unpaused.wait()
                 if not self._queue:
@@ -572,30 +595,46 @@ class Run:
                 if call.stop_requested:
                     continue  # stopped while queued: stop_agent settles it
                 if call.cached_source is not None:
-                    ok, value = True, await self._serve_cached(call, call.cached_source)
-                else:
-                    ok, value = await self._run_call(call)
-                assert call.deliver is not None
-                call.deliver(ok, value)
+                    value = await self._serve_cached(call, call.cached_source)
+                    assert call.deliver is not None
+                    call.deliver(True, value)
+                    continue
+                await self._run_call(call)
+                previous = call
                 if call.next_stage and call.handled is not None and self._queue and self._queue[0][0] > call.priority:
                     # Only items further behind are waiting: let the script start this item's next
-                    # stage before the slot goes to one of them.
+                    # stage (once it sees this result) before the slot goes to one of them.
+                    await self._delivered(call)
                     await call.handled()
+                    yielded = time.monotonic()
+                elif time.monotonic() - yielded > _WORKER_TURN_S:
+                    # Calls that answer without awaiting (zero-latency simulate) never yield.
+                    await anyio.lowlevel.checkpoint()
+                    yielded = time.monotonic()
         finally:
             self._workers -= 1
 
+    @staticmethod
+    async def _delivered(call: LiveCall) -> None:
+        if not call.delivered:
+            if call.on_delivered is None:
+                # A bare future: an anyio.Event costs several times more, and this runs per call
+                # when calls answer without awaiting. The store needs asyncio anyway.
+                call.on_delivered = asyncio.get_running_loop().create_future()
+            await call.on_delivered
+
     async def _stop_queued(self, call: LiveCall) -> None:
-        ok, value = await self._settle_call(call, None)
+        ok, value = await self._stop_call(call)
         if call.deliver is not None:
             call.deliver(ok, value)
 
-    async def _run_call(self, call: LiveCall) -> tuple[bool, Any]:
+    async def _run_call(self, call: LiveCall) -> None:
         """Execute (again on restart), then settle; the worker holds the run's slot throughout."""
         backend = self._backend_for(call)
         try:
             while True:
                 if call.stop_requested:
-                    return await self._settle_call(call, None)
+                    return await self._stopped(call)
                 request = AgentRequest(
                     run_id=self.id,
                     index=call.index,
@@ -625,10 +664,16 @@ class Run:
                     self.events.emit(EventType.AGENT_RETRYING, call.event_data(reason="restarted by request"))
                     continue
                 if call.stop_requested:
-                    return await self._settle_call(call, None)
-                return await self._settle_call(call, outcome)
+                    return await self._stopped(call)
+                return self._settle_call(call, outcome)
         finally:
             call.scope = None
+
+    async def _stopped(self, call: LiveCall) -> None:
+        ok, value = await self._stop_call(call)
+        assert call.deliver is not None
+        call.deliver(ok, value)
+        call.delivered = True
 
     def backend_retry(self, index: int, attempt: int, reason: str, delay_s: float) -> None:
         call = self.calls.get(index)
@@ -650,14 +695,19 @@ class Run:
             settings["workspace"] = self.options.workspace
         return settings
 
-    async def _settle_call(self, call: LiveCall, outcome: AgentOutcome | None) -> tuple[bool, Any]:
+    async def _stop_call(self, call: LiveCall) -> tuple[bool, Any]:
         call.finished_at = time.time()
         duration = round(call.finished_at - (call.started_at or call.finished_at), 3)
-        if outcome is None:
-            call.error = "stopped by request"
-            await self._journal(call, AgentStatus.STOPPED)
-            self.events.emit(EventType.AGENT_STOPPED, call.event_data(duration_s=duration))
-            return True, None
+        call.error = "stopped by request"
+        await self._journal(call, AgentStatus.STOPPED)
+        self.events.emit(EventType.AGENT_STOPPED, call.event_data(duration_s=duration))
+        return True, None
+
+    def _settle_call(self, call: LiveCall, outcome: AgentOutcome) -> None:
+        """Account for the outcome and queue its journal entry; once that is durable, show the
+        final status and hand the result to the script (``call.delivered``)."""
+        call.finished_at = time.time()
+        duration = round(call.finished_at - (call.started_at or call.finished_at), 3)
         call.usage, call.cost_usd = outcome.usage, outcome.cost_usd
         call.model = outcome.model or call.model
         call.attempt = max(call.attempt, outcome.attempts)
@@ -667,25 +717,48 @@ class Run:
                 self.warn(f"agent {call.index} ({call.label}): {entry.get('message', '')}")
         self._account(call)
         tokens = {"input": outcome.usage.input_tokens, "output": outcome.usage.output_tokens}
+        ok: bool = True
+        value: Any = None
         if outcome.status == "completed":
+            status, value = AgentStatus.COMPLETED, outcome.output
             call.output = outcome.output
-            await self._journal(call, AgentStatus.COMPLETED)  # durable before the script sees it
-            self.events.emit(EventType.AGENT_COMPLETED, call.event_data(
+            event = EventType.AGENT_COMPLETED, call.event_data(
                 tokens=tokens, cost_usd=round(outcome.cost_usd, 6), duration_s=duration,
-                result_preview=_preview(outcome.output)))
-            return True, outcome.output
-        call.error = outcome.error
-        await self._journal(call, AgentStatus.FAILED)
-        self.events.emit(EventType.AGENT_FAILED, call.event_data(
-            tokens=tokens, duration_s=duration, error=outcome.error, reason=outcome.status))
-        if outcome.status == "structured_output_error":
-            return False, {
-                "name": "StructuredOutputError",
-                "message": f"agent {call.label!r} gave no valid structured output after {outcome.attempts} attempts: "
-                f"{outcome.error}",
-                "validationError": outcome.error,
-            }
-        return True, None
+                result_preview=_preview(outcome.output))
+        else:
+            status = AgentStatus.FAILED
+            call.error = outcome.error
+            event = EventType.AGENT_FAILED, call.event_data(
+                tokens=tokens, duration_s=duration, error=outcome.error, reason=outcome.status)
+            if outcome.status == "structured_output_error":
+                ok, value = False, {
+                    "name": "StructuredOutputError",
+                    "message": f"agent {call.label!r} gave no valid structured output after {outcome.attempts} "
+                    f"attempts: {outcome.error}",
+                    "validationError": outcome.error,
+                }
+
+        def durable(error: BaseException | None) -> None:
+            if error is not None:
+                self._journal_failed(error)
+            elif not call.status.terminal:  # else the run ended meanwhile and stopped it
+                self._count(call, call.status, status)
+                self.events.emit(*event)
+                assert call.deliver is not None
+                call.deliver(ok, value)
+            call.delivered = True
+            if call.on_delivered is not None and not call.on_delivered.done():
+                call.on_delivered.set_result(None)
+
+        self.ctx.store.journal_call(call.record(self.id, status), durable)
+
+    def _journal_failed(self, error: BaseException) -> None:
+        """A journal entry could not be written: the run cannot keep its promise and fails."""
+        if self._journal_error is None:
+            logger.error("run %s: journaling an agent failed: %s", self.id, error)
+            self._journal_error = error
+            if self._cancel_scope is not None:
+                self._cancel_scope.cancel()
 
     async def _journal(self, call: LiveCall, status: AgentStatus) -> None:
         """Journal the call in its final status, then show that status: a live view never shows

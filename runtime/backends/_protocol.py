@@ -24,7 +24,7 @@ class Correction:
     error: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen (cheaper to make, once per call); treat as immutable
 class AgentRequest:
     run_id: str
     index: int
@@ -78,7 +78,7 @@ class Usage:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen (cheaper to make, once per attempt); treat as immutable
 class AgentResult:
     """What one attempt produced.
 

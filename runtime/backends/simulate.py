@@ -92,6 +92,9 @@ def sample_from_schema(schema: Any, seed: str, path: str = "$") -> Any:
     return None
 
 
+_SYSTEM_PROMPT_CHARS = len(SYSTEM_PROMPT)
+
+
 def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
@@ -132,18 +135,20 @@ class SimulateBackend:
     async def call(self, request: AgentRequest) -> AgentResult:
         settings = request.settings or {}
         self.executions += 1
-        self._record(request)
-        subject = f"{request.label}\n{request.prompt}"
-        delay = _latency(settings.get("latency_ms", 0), request.prompt)
-        if delay > 0:
-            await anyio.sleep(delay)
-        if any(_matches(p, request.label) or _matches(p, request.prompt) for p in settings.get("fail", [])):
-            raise TerminalBackendError(f"simulated failure (options.simulate.fail matched {request.label!r})")
-        text, data = self._answer(request, settings, subject)
+        if self.record_path is not None:
+            self._record(request)
+        if settings:
+            delay = _latency(settings.get("latency_ms", 0), request.prompt)
+            if delay > 0:
+                await anyio.sleep(delay)
+            if any(_matches(p, request.label) or _matches(p, request.prompt) for p in settings.get("fail", ())):
+                raise TerminalBackendError(f"simulated failure (options.simulate.fail matched {request.label!r})")
+        text, data = self._answer(request, settings)
         out_tokens = int(settings.get("output_tokens") or _tokens(text))
         # Input as a real backend would send it: the subagent system prompt, the prompt, the schema.
-        schema_text = json.dumps(request.schema) if request.schema is not None else ""
-        usage = Usage(input_tokens=_tokens(SYSTEM_PROMPT + request.prompt + schema_text), output_tokens=out_tokens)
+        schema_chars = len(json.dumps(request.schema)) if request.schema is not None else 0
+        usage = Usage(input_tokens=max(1, (_SYSTEM_PROMPT_CHARS + len(request.prompt) + schema_chars) // 4),
+                      output_tokens=out_tokens)
         return AgentResult(
             text=text,
             data=data,
@@ -155,8 +160,9 @@ class SimulateBackend:
             ),
         )
 
-    def _answer(self, request: AgentRequest, settings: Mapping[str, Any], subject: str) -> tuple[str, Any]:
-        for canned in settings.get("responses", []):
+    def _answer(self, request: AgentRequest, settings: Mapping[str, Any]) -> tuple[str, Any]:
+        subject = f"{request.label}\n{request.prompt}"
+        for canned in settings.get("responses", ()):
             if _matches(str(canned.get("match", "")), subject):
                 if "data" in canned:
                     return json.dumps(canned["data"]), canned["data"]
@@ -170,12 +176,11 @@ class SimulateBackend:
             data = sample_from_schema(request.schema, request.prompt)
             return json.dumps(data), data
         digest = hashlib.sha256(request.prompt.encode()).digest()
-        words = " ".join(_WORDS[b % len(_WORDS)] for b in digest[:8])
+        words = " ".join([_WORDS[b % len(_WORDS)] for b in digest[:8]])
         return f"Simulated answer for {request.label or request.prompt[:60]!r}: {words}.", None
 
     def _record(self, request: AgentRequest) -> None:
-        if self.record_path is None:
-            return
+        assert self.record_path is not None
         line = json.dumps({"run_id": request.run_id, "index": request.index, "prompt": request.prompt}) + "\n"
         with open(self.record_path, "a", encoding="utf-8") as fh:
             fh.write(line)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 
 from ._records import CallRecord, EventRecord, RunRecord, WorkflowRecord
 
@@ -43,6 +44,10 @@ class MemoryStore:
 
     async def save_call(self, call: CallRecord) -> None:
         self._calls.setdefault(call.run_id, {})[call.index] = call
+
+    def journal_call(self, call: CallRecord, done: Callable[[BaseException | None], None]) -> None:
+        self._calls.setdefault(call.run_id, {})[call.index] = call
+        asyncio.get_running_loop().call_soon(done, None)
 
     async def list_calls(self, run_id: str) -> list[CallRecord]:
         return [c for _, c in sorted(self._calls.get(run_id, {}).items())]

@@ -12,7 +12,7 @@ Ordering and durability contract:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from ._records import CallRecord, EventRecord, RunRecord, WorkflowRecord
@@ -43,6 +43,10 @@ class Store(Protocol):
 
     async def save_call(self, call: CallRecord) -> None:
         """Insert or replace the call ``(call.run_id, call.index)``."""
+
+    def journal_call(self, call: CallRecord, done: Callable[[BaseException | None], None]) -> None:
+        """``save_call`` without waiting: ``done(None)`` runs on the event loop once the call is
+        durable, ``done(error)`` if it cannot be. Saves of one call keep their order."""
 
     async def list_calls(self, run_id: str) -> list[CallRecord]:
         """In index order."""

@@ -38,7 +38,9 @@ class RunRecord:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and several of these
+# are made per agent. Treat it as immutable all the same.
+@dataclass(slots=True)
 class CallRecord:
     """One journaled ``agent()`` call: SPEC §3.3."""
 
@@ -66,7 +68,7 @@ class CallRecord:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen, like CallRecord: made three times per agent
 class EventRecord:
     """``{seq, ts, run_id, type, data}``; ``seq`` is monotonic per run, starting at 1."""
 

@@ -62,7 +62,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _Row = tuple[Any, ...]
 _Outcome = tuple["_Write", int, BaseException | None]
-_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[int]"]
+JournalCallback = Callable[[BaseException | None], None]
+_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[int] | JournalCallback"]
 
 # How long a connection waits for a lock held by another process using the same file
 # (a second ``quickflow`` pointed at the same data directory) before failing.
@@ -252,15 +253,20 @@ def _copy_error(exc: BaseException) -> BaseException:
         return exc
 
 
-def _settle(items: list[tuple[asyncio.Future[int], int, BaseException | None]]) -> None:
-    """Runs on the event loop: hand each waiter its result."""
-    for future, result, error in items:
-        if future.done():  # the caller was cancelled; the write happened anyway
+def _settle(items: list[tuple[asyncio.Future[int] | JournalCallback, int, BaseException | None]]) -> None:
+    """Runs on the event loop: hand each waiter its result (a future) or call it (a callback)."""
+    for waiter, result, error in items:
+        if not isinstance(waiter, asyncio.Future):
+            try:
+                waiter(error)
+            except Exception:
+                logger.exception("store: a journal callback failed")
+        elif waiter.done():  # the caller was cancelled; the write happened anyway
             continue
-        if error is None:
-            future.set_result(result)
+        elif error is None:
+            waiter.set_result(result)
         else:
-            future.set_exception(error)
+            waiter.set_exception(error)
 
 
 def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
@@ -309,6 +315,7 @@ class SQLiteStore:
         self._events_pending: list[EventRecord] = []
         self._calls_pending: list[CallRecord] = []
         self._calls_waiting: list[_Waiter] = []
+        self._wake_scheduled = False  # touched on the event loop only
         self._closing = False
         self._writer_alive = True
         self._closed = anyio.Event()
@@ -401,18 +408,25 @@ class SQLiteStore:
             raise
 
     async def save_call(self, call: CallRecord) -> None:
-        # Journal entries gather like events, so a burst of finished agents costs one queue
-        # operation; each caller still waits for the COMMIT that includes its own entry.
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
+        self._pend_call(call, loop, future)
+        await future
+
+    def journal_call(self, call: CallRecord, done: JournalCallback) -> None:
+        self._pend_call(call, asyncio.get_running_loop(), done)
+
+    def _pend_call(self, call: CallRecord, loop: asyncio.AbstractEventLoop,
+                   waiter: asyncio.Future[int] | JournalCallback) -> None:
+        # Journal entries gather like events, so a burst of finished agents costs one queue
+        # operation; each waiter still hears of the COMMIT that includes its own entry.
         with self._lock:
             self._check_open()
             wake = not self._events_pending and not self._calls_pending
             self._calls_pending.append(call)
-            self._calls_waiting.append((loop, future))
+            self._calls_waiting.append((loop, waiter))
         if wake:
-            self._queue.put(_WAKE)
-        await future
+            self._wake_soon(loop)
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
         # Only the first event after a take wakes the writer, so a burst costs one queue operation.
@@ -424,7 +438,25 @@ class SQLiteStore:
             wake = not self._events_pending and not self._calls_pending
             self._events_pending.extend(events)
         if wake:
-            self._queue.put(_WAKE)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop in this thread: wake the writer now
+                self._queue.put(_WAKE)
+            else:
+                self._wake_soon(loop)
+
+    def _wake_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Waking the writer is a futex syscall, and it is often already idle again after the
+        # previous take: waking it once the loop has run this round's callbacks lets everything
+        # they add go in one group. A queued write (save_run...) still takes the pending
+        # entries with it at once, so the queue's FIFO promise holds.
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            loop.call_soon(self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._wake_scheduled = False
+        self._queue.put(_WAKE)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -544,7 +576,7 @@ class SQLiteStore:
 
     def _finish(self, outcomes: list[_Outcome]) -> None:
         """Count the outcomes, log failed event batches, and wake the waiters (one call per loop)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int, BaseException | None]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, int, BaseException | None]]] = {}
         for write, result, error in outcomes:
             events = write.event_count
             writes = len(write.waiters) if write.waiters is not None else 1
