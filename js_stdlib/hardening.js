@@ -137,20 +137,30 @@
     getPrototypeOf((function* () {})()), getPrototypeOf((async function* () {})()),
     getPrototypeOf(Int8Array));
 
+  // One pass: tame, collect what is reachable, freeze. Descriptors are read all at once per
+  // object (one native call, not one per key): this walk is most of an isolate's start-up.
+  const getOwnPropertyDescriptors = Object.getOwnPropertyDescriptors;
   const seen = new Set();
   const stack = roots.slice();
   while (stack.length) {
     const obj = stack.pop();
     if (obj === null || (typeof obj !== 'object' && typeof obj !== 'function') || seen.has(obj) || obj === g) continue;
     seen.add(obj);
-    const isPrototype = typeof obj === 'object' && ownKeys(obj).includes('constructor');
-    for (const key of ownKeys(obj)) {
-      if (isPrototype && overridable.has(key)) tameOverride(obj, key);
-      const desc = getOwnPropertyDescriptor(obj, key);
-      if (!desc) continue;
-      for (const v of [desc.value, desc.get, desc.set]) if (v !== undefined) stack.push(v);
+    if (typeof obj === 'object' && Object.hasOwn(obj, 'constructor')) {
+      for (const key of overridable) tameOverride(obj, key);
+    }
+    const descs = getOwnPropertyDescriptors(obj);
+    for (const key of ownKeys(descs)) {
+      const desc = descs[key];
+      const value = desc.value;
+      if (value !== undefined) {
+        if (value !== null && (typeof value === 'object' || typeof value === 'function')) stack.push(value);
+      } else {
+        if (desc.get !== undefined) stack.push(desc.get);
+        if (desc.set !== undefined) stack.push(desc.set);
+      }
     }
     stack.push(getPrototypeOf(obj));
   }
-  for (const obj of seen) if (!isFrozen(obj)) freeze(obj);
+  for (const obj of seen) freeze(obj);
 })();

@@ -582,10 +582,13 @@ class Run:
         """
         try:
             yielded = time.monotonic()
-            previous: LiveCall | None = None
+            # The calls this worker ran last and before that: the older one must be durable
+            # before the next starts.
+            last: LiveCall | None = None
+            older: LiveCall | None = None
             while self._queue:
-                if previous is not None and not previous.delivered:
-                    await self._delivered(previous)
+                if older is not None and not older.delivered:
+                    await self._delivered(older)
                     yielded = time.monotonic()
                 while not self._unpaused.is_set():
                     await self._unpaused.wait()
@@ -600,7 +603,7 @@ class Run:
                     call.deliver(True, value)
                     continue
                 await self._run_call(call)
-                previous = call
+                older, last = last, call
                 if call.next_stage and call.handled is not None and self._queue and self._queue[0][0] > call.priority:
                     # Only items further behind are waiting: let the script start this item's next
                     # stage (once it sees this result) before the slot goes to one of them.

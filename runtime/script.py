@@ -20,6 +20,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from sandbox import Isolate, Request, ScriptFailure, Slice, SlicePool
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["ScriptDriver"]
 
 MAX_PENDING_TIMERS = 10_000
+AGENTS_PER_TURN = 16
 
 
 class ScriptDriver:
@@ -91,7 +93,7 @@ class ScriptDriver:
     async def _drive(self) -> Slice:
         current = await self._pool.run(partial(self._isolate.start, self._body, self._config))
         while True:
-            self._handle(current.requests)
+            await self._handle(current.requests)
             self._mark_handled()
             if current.finished:
                 return current
@@ -134,8 +136,9 @@ class ScriptDriver:
             self._inbox_changed.set()
             self._inbox_changed = None
 
-    def _handle(self, requests: Sequence[Request]) -> None:
+    async def _handle(self, requests: Sequence[Request]) -> None:
         assert self._tg is not None
+        agents = 0
         for request in requests:
             kind, payload = request.kind, request.payload
             if kind == "agent":
@@ -143,6 +146,10 @@ class ScriptDriver:
                 self.run.submit_agent(
                     payload, deliver=partial(self._deliver, request.id), handled=self.slice_handled, group=self.group
                 )
+                agents += 1
+                if agents % AGENTS_PER_TURN == 0:
+                    # A slice may ask for thousands of agents: let the first ones start meanwhile.
+                    await anyio.lowlevel.checkpoint()
             elif kind == "workflow":
                 self._outstanding += 1
                 self._tg.start_soon(self._workflow, request.id, payload)
