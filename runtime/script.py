@@ -68,7 +68,9 @@ class ScriptDriver:
         self._outstanding = 0
         self._timers: dict[int, float] = {}  # id -> deadline
         self._timer_heap: list[tuple[float, int]] = []
-        self._timers_changed = anyio.Event()
+        # Created with the timer loop, at the script's first setTimeout: most scripts have none,
+        # and a parked run should not pay for a task that waits for nothing.
+        self._timers_changed: anyio.Event | None = None
         self._failure: ScriptFailure | None = None
         self._handled: anyio.Event | None = None  # set after each slice's requests are handled
         self._done = False
@@ -79,7 +81,6 @@ class ScriptDriver:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(self._timer_loop)
                 final = await self._drive()
                 tg.cancel_scope.cancel()
             return final
@@ -183,12 +184,18 @@ class ScriptDriver:
         self._outstanding += 1
         self._timers[timer_id] = deadline
         heapq.heappush(self._timer_heap, (deadline, timer_id))
+        if self._timers_changed is None:
+            assert self._tg is not None
+            self._timers_changed = anyio.Event()
+            self._tg.start_soon(self._timer_loop)
+            return
         self._timers_changed.set()
         self._timers_changed = anyio.Event()
 
     async def _timer_loop(self) -> None:
         while True:
             changed = self._timers_changed
+            assert changed is not None
             now = anyio.current_time()
             while self._timer_heap and self._timer_heap[0][0] <= now:
                 _, timer_id = heapq.heappop(self._timer_heap)
