@@ -95,6 +95,10 @@ async def measure(runs: int, agents: int, latency_s: float, window_s: float) -> 
         settle_s = await _wait_parked(bench, target, timeout_s=max(60.0, latency_s / 2))
         gc.collect()
         rss_after = rss_bytes()
+        # Then the steady state: every parked script has given up its isolate (evict_idle_s).
+        await anyio.sleep(bench.engine.limits.evict_idle_s + 1.0)
+        gc.collect()
+        rss_steady = rss_bytes()
 
         quiet = _lag_summary(await _lag_samples(window_s))
         stop = anyio.Event()
@@ -111,7 +115,8 @@ async def measure(runs: int, agents: int, latency_s: float, window_s: float) -> 
             "agents_per_run": agents,
             "rss_before_bytes": rss_before,
             "rss_after_bytes": rss_after,
-            "bytes_per_run": (rss_after - rss_before) / runs,
+            "bytes_per_run_just_parked": (rss_after - rss_before) / runs,
+            "bytes_per_run": (rss_steady - rss_before) / runs,
             "submit_s": submit_s,
             "settle_s": settle_s,
             "lag_quiet": quiet,

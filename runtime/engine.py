@@ -27,6 +27,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
+import sandbox
 from sandbox import CheckResult, ScriptFailure, SlicePool, check_script
 
 from . import models
@@ -122,9 +123,20 @@ class Engine:
         gc.freeze()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
+        self._tg.start_soon(self._release_memory)
         if self._recover:
             await self._recover_runs()
         return self
+
+    async def _release_memory(self) -> None:
+        """Once a second, if scripts gave up their isolates meanwhile, hand the freed memory back
+        to the OS (off the event loop: it takes milliseconds)."""
+        released = sandbox.evictions_total()
+        while True:
+            await anyio.sleep(1.0)
+            if sandbox.evictions_total() != released:
+                released = sandbox.evictions_total()
+                await anyio.to_thread.run_sync(sandbox.release_freed_memory)
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         assert self._tg is not None

@@ -29,3 +29,6 @@ class Limits:
     max_run_timeout_s: float = 7 * 24 * 3600
     log_lines: int = 10_000
     many_agents_warning: int = 25
+    # A script that has waited this long for results gives up its JS context (about 0.5 MB); the
+    # next result rebuilds it by replaying the script. 0 keeps every context.
+    evict_idle_s: float = 2.0

@@ -242,6 +242,7 @@ class Run:
         self.cost_usd = 0.0
         self.spent = 0
         self.log_lines = 0
+        self.isolate_evictions = 0  # times a waiting script gave up its JS context (rebuilt by replay)
         self.warnings: list[str] = []
         self.failures: list[str] = []
         self.phases: dict[str, PhaseStats] = {title: PhaseStats(title) for title in phases}

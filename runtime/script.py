@@ -111,11 +111,23 @@ class ScriptDriver:
                         "timer is in flight (a Promise that is never resolved?)",
                     ),
                 )
-            while not self._inbox:
-                self._inbox_changed = anyio.Event()
-                await self._inbox_changed.wait()
+            await self._wait_for_inbox()
             batch, self._inbox = self._inbox, []
             current = await self._pool.run(partial(self._isolate.settle, batch, self.run.js_state()))
+
+    async def _wait_for_inbox(self) -> None:
+        """Wait for a settlement. A script that waits long gives up its isolate's memory
+        (``Limits.evict_idle_s``); the next slice rebuilds the isolate by replay."""
+        idle_s = self.run.limits.evict_idle_s
+        while not self._inbox:
+            self._inbox_changed = changed = anyio.Event()
+            if idle_s > 0 and not self._isolate.evicted:
+                with anyio.move_on_after(idle_s):
+                    await changed.wait()
+                if not self._inbox and self._isolate.evict():
+                    self.run.isolate_evictions += 1
+            else:
+                await changed.wait()
 
     async def slice_handled(self) -> None:
         """Wait until the script has run a slice and queued what that slice asked for."""

@@ -2,11 +2,14 @@
 
 - :func:`check_script` runs the static checks of a script before any run is accepted.
 - :class:`Isolate` is one hardened QuickJS context per run, driven slice by slice through a
-  data-only outbox; :class:`SlicePool` runs slices on worker threads.
+  data-only outbox; :class:`SlicePool` runs slices on worker threads. A waiting script's
+  context can be evicted and rebuilt by replay; :func:`release_freed_memory` returns the
+  memory of evicted contexts to the OS.
 """
 
 from ._checks import CheckResult, PhaseSpec, ScriptMeta, check_script
 from ._isolate import Isolate, IsolateLimits, Request, ScriptFailure, Slice
+from ._memory import evictions_total, release_freed_memory
 from ._pool import SlicePool, SlicePoolStatistics
 from ._source import Diagnostic
 
@@ -23,4 +26,6 @@ __all__ = [
     "SlicePool",
     "SlicePoolStatistics",
     "check_script",
+    "evictions_total",
+    "release_freed_memory",
 ]

@@ -12,6 +12,11 @@ Invariants:
   call; the drain loop stops a flood of short jobs), and the isolate's total CPU is capped by
   ``run_cpu_s``, accounted here with the thread's CPU clock.
 - After a limit is hit the context is dropped: a context that ran out of memory is not trusted.
+- A waiting script's context can be *evicted* (dropped to free its memory) and is rebuilt by
+  replay before its next slice: the same script, config and settlement batches, in the same
+  order, make the same requests (scripts are deterministic: no clock, no randomness, no weak
+  references). Each replayed slice's outbox must match the original's, or the run fails
+  rather than continue in a different state.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import quickjs
 
 import js_stdlib
 
+from ._memory import note_eviction
 from ._source import to_user_position, wrap_body
 
 __all__ = ["Isolate", "IsolateLimits", "Request", "ScriptFailure", "Slice"]
@@ -98,6 +104,10 @@ _PRELUDE_FRAMES = frozenset(
 )
 
 
+def _settlement(results: Sequence[tuple[int, bool, Any]], state: Mapping[str, Any]) -> str:
+    return json.dumps({"results": results, "state": state}, separators=(",", ":"))
+
+
 def user_position(stack: str) -> tuple[int, int] | None:
     """The user's line and column from an engine stack, skipping prelude frames."""
     for name, line, column in _FRAME.findall(stack):
@@ -105,6 +115,16 @@ def user_position(stack: str) -> tuple[int, int] | None:
             continue
         return to_user_position(int(line), int(column))
     return None
+
+
+# A script is evicted only while replaying it stays cheap: every later eviction replays it all
+# again, so a long-lived script that kept being evicted would cost quadratic CPU.
+MAX_REPLAY_SLICES = 256
+MAX_REPLAY_CPU_S = 0.25
+
+
+class _ReplayDiverged(Exception):
+    pass
 
 
 class _LimitHit(Exception):
@@ -123,10 +143,18 @@ class Isolate:
         self._settle: Any = None
         self._start: Any = None
         self._finished = False
+        # For replay after an eviction: how the script was started, every settlement batch
+        # since (references to the values, not copies) and a digest of each slice's outbox.
+        self._boot_args: tuple[str, Mapping[str, Any]] | None = None
+        self._history: list[tuple[Sequence[tuple[int, bool, Any]], Mapping[str, Any]]] = []
+        self._digests: list[int] = []
+        self._evicted = False
+        self.evictions = 0
+        self.replay_cpu_s = 0.0  # not charged to the script's CPU budget
 
     @property
     def closed(self) -> bool:
-        return self._ctx is None
+        return self._ctx is None and not self._evicted
 
     def start(self, body: str, config: Mapping[str, Any]) -> Slice:
         """Create the context, harden it, install the prelude, compile and start the script.
@@ -134,12 +162,37 @@ class Isolate:
         ``body`` is the checked source (``CheckResult.body``); ``config`` carries the limits the
         prelude enforces (maxAgents, maxItems, maxLogLines, depth, budgetTotal) and the args.
         """
+        self._boot_args = (body, dict(config))
         return self._slice(lambda: self._boot(body, config))
 
     def settle(self, results: Sequence[tuple[int, bool, Any]], state: Mapping[str, Any]) -> Slice:
         """Resolve or reject pending promises (and fire timers), then run until the queue is empty."""
-        batch = json.dumps({"results": results, "state": dict(state)}, separators=(",", ":"))
+        state = dict(state)
+        self._history.append((results, state))
+        batch = _settlement(results, state)
         return self._slice(lambda: self._settle(batch))
+
+    @property
+    def evicted(self) -> bool:
+        return self._evicted
+
+    def evict(self) -> bool:
+        """Drop the context of a script that waits, to free its memory; the next slice rebuilds
+        it by replay. False when there is nothing to evict or a slice is running."""
+        if self._ctx is None or self._finished or self._boot_args is None:
+            return False
+        if len(self._history) > MAX_REPLAY_SLICES or self.cpu_s > MAX_REPLAY_CPU_S:
+            return False  # rebuilding it would cost more than its memory is worth
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._ctx = self._take = self._settle = self._start = None
+            self._evicted = True
+            self.evictions += 1
+            note_eviction()
+            return True
+        finally:
+            self._lock.release()
 
     def memory_bytes(self) -> int:
         if self._ctx is None:
@@ -150,8 +203,40 @@ class Isolate:
     def close(self) -> None:
         """Drop the context. The run stops being driven; nothing of it runs again."""
         self._ctx = self._take = self._settle = self._start = None
+        self._evicted = False
+        self._history, self._digests, self._boot_args = [], [], None
 
     # --- internals -------------------------------------------------------------------------
+
+    def _rehydrate(self) -> ScriptFailure | None:
+        """Rebuild an evicted context: boot, then every recorded settlement but the newest (the
+        slice about to run), each outbox checked against the original's digest."""
+        assert self._boot_args is not None
+        cpu_started = time.thread_time()
+        self._evicted = False
+        try:
+            self._boot(*self._boot_args)
+            self._drain(time.perf_counter())
+            self._check_replay(0)
+            for step, (results, state) in enumerate(self._history[:-1], start=1):
+                self._settle(_settlement(results, state))
+                self._drain(time.perf_counter())
+                self._check_replay(step)
+        except (_ReplayDiverged, _LimitHit, quickjs.JSException, RecursionError) as exc:
+            self.close()
+            return ScriptFailure(
+                "internal", "replay",
+                f"the script could not be rebuilt after its isolate was evicted to save memory ({exc or type(exc).__name__}); "
+                "resume the run from its journal",
+            )
+        finally:
+            self.replay_cpu_s += time.thread_time() - cpu_started
+        return None
+
+    def _check_replay(self, step: int) -> None:
+        raw = self._take()
+        if step >= len(self._digests) or hash(raw) != self._digests[step]:
+            raise _ReplayDiverged(f"slice {step} asked for something else than before")
 
     def _boot(self, body: str, config: Mapping[str, Any]) -> None:
         ctx = quickjs.Context()
@@ -173,6 +258,11 @@ class Isolate:
             return Slice(requests=(), finished=True)
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("an isolate runs one slice at a time")
+        if self._evicted:
+            failure = self._rehydrate()
+            if failure is not None:
+                self._lock.release()
+                return self._fail(failure, 0.0)
         started = time.perf_counter()
         cpu_started = time.thread_time()
         try:
@@ -213,7 +303,9 @@ class Isolate:
 
     def _collect(self, cpu_s: float) -> Slice:
         self.cpu_s += cpu_s
-        raw = json.loads(self._take())
+        text = self._take()
+        self._digests.append(hash(text))
+        raw = json.loads(text)
         requests = tuple(Request(kind, rid, payload) for kind, rid, payload in raw["out"])
         done = raw["done"]
         if done is None:
