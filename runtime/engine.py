@@ -103,6 +103,7 @@ class Engine:
         # Finished runs stay in memory a while (live views are cheaper than the store), oldest out first.
         self._finished: list[str] = []
         self._tg: TaskGroup | None = None
+        self._preparing = False  # a task is preparing spare isolates
         self._ctx = RunContext(
             store=store,
             dispatcher=self.dispatcher,
@@ -127,6 +128,14 @@ class Engine:
         if self._recover:
             await self._recover_runs()
         return self
+
+    async def _prepare_isolates(self) -> None:
+        """Top up the spare isolates that let a run skip hardening on its critical path."""
+        try:
+            while sandbox.spare_isolates_wanted():
+                await anyio.to_thread.run_sync(sandbox.prepare_spare_isolate)
+        finally:
+            self._preparing = False
 
     async def _release_memory(self) -> None:
         """Once a second, if scripts gave up their isolates meanwhile, hand the freed memory back
@@ -265,6 +274,9 @@ class Engine:
         self._tg.start_soon(self._drive, run, name=f"run {run.id}")
 
     async def _drive(self, run: Run) -> None:
+        if not self._preparing and sandbox.spare_isolates_wanted() and self._tg is not None:
+            self._preparing = True
+            self._tg.start_soon(self._prepare_isolates)
         try:
             await self._drive_inner(run)
         finally:

@@ -8,7 +8,15 @@
 """
 
 from ._checks import CheckResult, PhaseSpec, ScriptMeta, check_script
-from ._isolate import Isolate, IsolateLimits, Request, ScriptFailure, Slice
+from ._isolate import (
+    Isolate,
+    IsolateLimits,
+    Request,
+    ScriptFailure,
+    Slice,
+    prepare_spare_isolate,
+    spare_isolates_wanted,
+)
 from ._memory import evictions_total, release_freed_memory
 from ._pool import SlicePool, SlicePoolStatistics
 from ._source import Diagnostic
@@ -27,5 +35,7 @@ __all__ = [
     "SlicePoolStatistics",
     "check_script",
     "evictions_total",
+    "prepare_spare_isolate",
     "release_freed_memory",
+    "spare_isolates_wanted",
 ]

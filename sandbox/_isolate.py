@@ -37,7 +37,7 @@ import js_stdlib
 from ._memory import note_eviction
 from ._source import to_user_position, wrap_body
 
-__all__ = ["Isolate", "IsolateLimits", "Request", "ScriptFailure", "Slice"]
+__all__ = ["Isolate", "IsolateLimits", "Request", "ScriptFailure", "Slice", "prepare_spare_isolate", "spare_isolates_wanted"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,56 @@ _PRELUDE_FRAMES = frozenset(
         "StructuredOutputError", "clockError", "Promise",
     }
 )
+
+
+_Prepared = tuple[Any, Any, Any, Any]  # a context, and its prelude's take, settle and start
+
+
+def _prepared_context() -> _Prepared:
+    """A hardened context with the prelude loaded and the host handles taken: everything of an
+    isolate's start but the user's script (about 4 ms, most of it the hardening walk)."""
+    ctx = quickjs.Context()
+    ctx.eval(js_stdlib.hardening())
+    ctx.eval(js_stdlib.prelude())
+    handles = (ctx.eval("__quickflow_host.take"), ctx.eval("__quickflow_host.settle"),
+               ctx.eval("__quickflow_host.start"))
+    ctx.eval("delete globalThis.__quickflow_host")
+    return (ctx, *handles)
+
+
+class _Spares:
+    """Contexts prepared ahead of time, so a run's first slice only compiles and starts its
+    script. Nothing of a script ever ran in one; each is used once."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ready: list[_Prepared] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> _Prepared | None:
+        with self._lock:
+            return self._ready.pop() if self._ready else None
+
+    def wanted(self) -> int:
+        return max(0, self.size - len(self._ready))
+
+    def prepare(self) -> None:
+        prepared = _prepared_context()
+        with self._lock:
+            if len(self._ready) < self.size:
+                self._ready.append(prepared)
+
+
+_SPARES = _Spares(2)
+
+
+def prepare_spare_isolate() -> None:
+    """Prepare one context for a future run (blocking: call it from a worker thread)."""
+    _SPARES.prepare()
+
+
+def spare_isolates_wanted() -> int:
+    return _SPARES.wanted()
 
 
 def _settlement(results: Sequence[tuple[int, bool, Any]], state: Mapping[str, Any]) -> str:
@@ -239,16 +289,10 @@ class Isolate:
             raise _ReplayDiverged(f"slice {step} asked for something else than before")
 
     def _boot(self, body: str, config: Mapping[str, Any]) -> None:
-        ctx = quickjs.Context()
+        ctx, self._take, self._settle, self._start = _SPARES.take() or _prepared_context()
         ctx.set_memory_limit(self.limits.heap_bytes)
         ctx.set_max_stack_size(self.limits.stack_bytes)
         ctx.set_time_limit(self.limits.slice_cpu_s)
-        ctx.eval(js_stdlib.hardening())
-        ctx.eval(js_stdlib.prelude())
-        self._take = ctx.eval("__quickflow_host.take")
-        self._settle = ctx.eval("__quickflow_host.settle")
-        self._start = ctx.eval("__quickflow_host.start")
-        ctx.eval("delete globalThis.__quickflow_host")
         self._ctx = ctx
         main = ctx.eval(wrap_body(body))
         self._start(main, json.dumps(dict(config), separators=(",", ":")))
