@@ -326,7 +326,7 @@ class Engine:
 
     def _resolve_model(self, requested: str | None, run_model: str | None, agent_type: str | None = None) -> str:
         """The script's model, else the agent profile's, else the run's, else the server default."""
-        return self._resolve_model_cached(requested, run_model, agent_type)
+        return str(self._resolve_model_cached(requested, run_model, agent_type))
 
     @functools.cached_property
     def _resolve_model_cached(self) -> Any:

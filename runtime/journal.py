@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring
 from collections.abc import Iterable, Mapping
 from typing import Any
 

@@ -351,6 +351,7 @@ class Run:
             slice_cpu_s=self.limits.slice_cpu_s,
             run_cpu_s=self.limits.run_cpu_s,
             result_bytes=self.limits.run_result_bytes,
+            evict=self.limits.evict_idle_s > 0,
         )
         return ScriptDriver(self, self.ctx.pool, Isolate(limits), body, args=args, has_args=has_args,
                             depth=depth, group=group)

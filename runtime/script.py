@@ -121,10 +121,11 @@ class ScriptDriver:
         idle_s = self.run.limits.evict_idle_s
         while not self._inbox:
             self._inbox_changed = changed = anyio.Event()
-            if idle_s > 0 and not self._isolate.evicted:
+            if idle_s > 0 and not self._isolate.evicted and self._isolate.evictable:
                 with anyio.move_on_after(idle_s):
                     await changed.wait()
-                if not self._inbox and self._isolate.evict():
+                # Freeing a context takes milliseconds for a big heap: not on the event loop.
+                if not self._inbox and self._isolate.evictable and await self._pool.run(self._isolate.evict):
                     self.run.isolate_evictions += 1
             else:
                 await changed.wait()

@@ -16,7 +16,8 @@ Invariants:
   replay before its next slice: the same script, config and settlement batches, in the same
   order, make the same requests (scripts are deterministic: no clock, no randomness, no weak
   references). Each replayed slice's outbox must match the original's, or the run fails
-  rather than continue in a different state.
+  rather than continue in a different state. Replay is bounded (``MAX_REPLAY_SLICES``,
+  ``MAX_REPLAY_CPU_S``, ``MAX_EVICTIONS``) and its CPU is charged to the script.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class IsolateLimits:
     slice_cpu_s: float = 1.0
     run_cpu_s: float = 60.0
     result_bytes: int = 4 * 1024 * 1024
+    evict: bool = True  # may the context be evicted while the script waits (see Isolate.evict)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ def user_position(stack: str) -> tuple[int, int] | None:
 # again, so a long-lived script that kept being evicted would cost quadratic CPU.
 MAX_REPLAY_SLICES = 256
 MAX_REPLAY_CPU_S = 0.25
+MAX_EVICTIONS = 64
 
 
 class _ReplayDiverged(Exception):
@@ -200,7 +203,7 @@ class Isolate:
         self._digests: list[int] = []
         self._evicted = False
         self.evictions = 0
-        self.replay_cpu_s = 0.0  # not charged to the script's CPU budget
+        self.replay_cpu_s = 0.0  # also charged to the script's CPU budget (cpu_s)
 
     @property
     def closed(self) -> bool:
@@ -212,13 +215,15 @@ class Isolate:
         ``body`` is the checked source (``CheckResult.body``); ``config`` carries the limits the
         prelude enforces (maxAgents, maxItems, maxLogLines, depth, budgetTotal) and the args.
         """
-        self._boot_args = (body, dict(config))
+        if self.limits.evict:
+            self._boot_args = (body, dict(config))
         return self._slice(lambda: self._boot(body, config))
 
     def settle(self, results: Sequence[tuple[int, bool, Any]], state: Mapping[str, Any]) -> Slice:
         """Resolve or reject pending promises (and fire timers), then run until the queue is empty."""
         state = dict(state)
-        self._history.append((results, state))
+        if self._replayable():
+            self._history.append((results, state))
         batch = _settlement(results, state)
         return self._slice(lambda: self._settle(batch))
 
@@ -226,16 +231,39 @@ class Isolate:
     def evicted(self) -> bool:
         return self._evicted
 
+    def _replayable(self) -> bool:
+        """Whether the script may still be evicted; once not, what was recorded is dropped.
+
+        Only while a replay stays cheap (every eviction replays everything again, and replay
+        CPU is charged to the script) and the heap stays small: the point where an engine runs
+        out of memory depends on the allocator, so a script that catches out-of-memory errors
+        near its limit might not replay the same way.
+        """
+        if self._boot_args is not None and not self.evictable:
+            self._history, self._digests, self._boot_args = [], [], None
+        return self._boot_args is not None
+
+    @property
+    def evictable(self) -> bool:
+        return (
+            self.limits.evict
+            and self._boot_args is not None
+            and len(self._history) < MAX_REPLAY_SLICES
+            and self.cpu_s <= MAX_REPLAY_CPU_S
+            and self.evictions < MAX_EVICTIONS
+        )
+
     def evict(self) -> bool:
         """Drop the context of a script that waits, to free its memory; the next slice rebuilds
-        it by replay. False when there is nothing to evict or a slice is running."""
-        if self._ctx is None or self._finished or self._boot_args is None:
+        it by replay. False when there is nothing to evict, replay would not be cheap and safe,
+        or a slice is running. Freeing a context takes time: call it from a worker thread."""
+        if self._ctx is None or self._finished or not self._replayable():
             return False
-        if len(self._history) > MAX_REPLAY_SLICES or self.cpu_s > MAX_REPLAY_CPU_S:
-            return False  # rebuilding it would cost more than its memory is worth
         if not self._lock.acquire(blocking=False):
             return False
         try:
+            if int(self._ctx.memory()["memory_used_size"]) > self.limits.heap_bytes // 8:
+                return False  # see _replayable
             self._ctx = self._take = self._settle = self._start = None
             self._evicted = True
             self.evictions += 1
@@ -280,7 +308,9 @@ class Isolate:
                 "resume the run from its journal",
             )
         finally:
-            self.replay_cpu_s += time.thread_time() - cpu_started
+            spent = time.thread_time() - cpu_started
+            self.replay_cpu_s += spent
+            self.cpu_s += spent
         return None
 
     def _check_replay(self, step: int) -> None:
@@ -303,7 +333,11 @@ class Isolate:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("an isolate runs one slice at a time")
         if self._evicted:
-            failure = self._rehydrate()
+            try:
+                failure = self._rehydrate()
+            except BaseException:
+                self._lock.release()
+                raise
             if failure is not None:
                 self._lock.release()
                 return self._fail(failure, 0.0)
@@ -347,9 +381,10 @@ class Isolate:
 
     def _collect(self, cpu_s: float) -> Slice:
         self.cpu_s += cpu_s
-        text = self._take()
-        self._digests.append(hash(text))
-        raw = json.loads(text)
+        outbox = self._take()
+        if self._boot_args is not None:  # recorded for replay
+            self._digests.append(hash(outbox))
+        raw = json.loads(outbox)
         requests = tuple(Request(kind, rid, payload) for kind, rid, payload in raw["out"])
         done = raw["done"]
         if done is None:

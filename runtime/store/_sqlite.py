@@ -107,7 +107,7 @@ class _Write:
     def split(self) -> list[_Write]:
         """One write per record, each with its own waiter: to find the one record that fails."""
         assert self.records is not None
-        waiters = self.waiters or [None] * len(self.records)
+        waiters: list[_Waiter | None] = list(self.waiters) if self.waiters else [None for _ in self.records]
         return [_Write(self.sql, self.what, records=[r], encode=self.encode, waiter=w)
                 for r, w in zip(self.records, waiters)]
 

@@ -118,19 +118,58 @@ def test_nothing_to_evict_before_start_or_after_the_end() -> None:
     assert isolate.evictions == 0
 
 
-def test_replay_cpu_is_not_charged_to_the_script() -> None:
+def test_replay_cpu_is_charged_to_the_script() -> None:
     body = check_script("let x = 0\nfor (let i = 0; i < 200000; i++) x += i\nconst a = await agent('a')\n"
                         "const b = await agent('b')\nreturn [x, a, b]").body
     isolate = Isolate()
     current = isolate.start(body, {**CONFIG, "args": None, "hasArgs": False})
-    cpu_after_start = isolate.cpu_s
     current = isolate.settle([(current.requests[0].id, True, "A")], {"spent": 0, "issued": 1})
+    cpu_before_eviction = isolate.cpu_s
     assert isolate.evict()
     final = isolate.settle([(current.requests[0].id, True, "B")], {"spent": 0, "issued": 2})
     assert final.result == [sum(range(200000)), "A", "B"]
+    # The loop ran again for the replay, and the script pays for it: a script cannot buy CPU
+    # by being evicted over and over.
     assert isolate.replay_cpu_s > 0
-    # The loop ran once for the script, once more for the replay: only the first counts.
-    assert isolate.cpu_s < cpu_after_start + isolate.replay_cpu_s
+    assert isolate.cpu_s >= cpu_before_eviction + isolate.replay_cpu_s
+
+
+def test_a_script_that_keeps_being_evicted_stops_being_evicted() -> None:
+    from sandbox._isolate import MAX_EVICTIONS
+
+    body = check_script("for (let i = 0; ; i++) await agent('step ' + i)").body
+    isolate = Isolate()
+    current = isolate.start(body, {**CONFIG, "args": None, "hasArgs": False})
+    evicted = 0
+    for issued in range(1, MAX_EVICTIONS + 10):
+        evicted += isolate.evict()
+        current = isolate.settle([(current.requests[0].id, True, "ok")], {"spent": 0, "issued": issued})
+        assert not current.finished, current.failure
+    # Replays are charged to the script, so its CPU cap or the eviction cap ends them.
+    assert 8 <= evicted <= MAX_EVICTIONS
+    assert not isolate.evictable and isolate._history == []  # nothing recorded any more
+
+
+def test_an_isolate_that_may_not_be_evicted_records_nothing() -> None:
+    from sandbox import IsolateLimits
+
+    body = check_script("const a = await agent('a')\nreturn await agent(a)").body
+    isolate = Isolate(IsolateLimits(evict=False))
+    current = isolate.start(body, {**CONFIG, "args": None, "hasArgs": False})
+    current = isolate.settle([(current.requests[0].id, True, "A")], {"spent": 0, "issued": 1})
+    assert not isolate.evictable and not isolate.evict()
+    assert isolate._history == [] and isolate._digests == []
+
+
+def test_a_big_heap_is_not_evicted() -> None:
+    from sandbox import IsolateLimits
+
+    body = check_script("const keep = []\nfor (let i = 0; i < 100000; i++) keep.push([i])\n"
+                        "return [keep.length, await agent('a')]").body
+    isolate = Isolate(IsolateLimits(heap_bytes=16 * 1024 * 1024))
+    isolate.start(body, {**CONFIG, "args": None, "hasArgs": False})
+    assert isolate.memory_bytes() > 2 * 1024 * 1024
+    assert not isolate.evict()
 
 
 ENGINE_SCRIPT = """
