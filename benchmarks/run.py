@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             "trial by trial in alternating order (LangGraph in a worker process in its own venv), so machine "
             f"load drifts hit all of them alike; the floor takes {FLOOR_REPEATS} samples per trial.",
             "Memory per run: RSS delta in a fresh process, server-wide agent limit raised to 8000 so every run "
-            "has its 16 agents in flight.",
+            "has its 16 agents in flight; judged in the steady state, once every waiting script has given up "
+            "its isolate (`Limits.evict_idle_s`, rebuilt by replay), with the figure right after parking beside it.",
+            "What the profiles showed and what changed because of them: `benchmarks/PROFILING.md`.",
             "Loop lag: overshoot of a 10 ms sleep; the hostile `while(true){}` run is resubmitted as soon as the "
             "1 s slice limit kills it, so one is always present.",
         ],
