@@ -7,8 +7,9 @@ phases, and every agent call. The script itself is driven by :class:`runtime.scr
 
 Agent calls flow: validate (cap, budget, schema, agentType) and look up the journal while the
 outbox is handled → queue, most urgent first → a worker takes it once the run is not paused →
-execute through the dispatcher under a cancel scope (stop / restart) → journal the result
-durably → hand it to the script.
+execute through the dispatcher under a cancel scope (stop / restart) → queue its journal entry;
+the worker moves on → once the entry is committed, show the final status and hand the result
+to the script.
 """
 
 from __future__ import annotations
