@@ -238,6 +238,7 @@ class Run:
         self._cancel_scope: anyio.CancelScope | None = None
         self._user_cancelled = False
         self._journal_error: BaseException | None = None
+        self._settings: dict[str, Any] | None = None  # what backends get (see _backend_settings)
         self.issued = 0
         self.usage = Usage()
         self.cost_usd = 0.0
@@ -696,10 +697,12 @@ class Run:
         return "simulate" if self.options.dry_run else (backend or self.options.backend)
 
     def _backend_settings(self) -> dict[str, Any]:
-        settings = dict(self.options.simulate)
-        if self.options.workspace:
-            settings["workspace"] = self.options.workspace
-        return settings
+        # The same for every call of the run; backends only read it.
+        if self._settings is None:
+            self._settings = dict(self.options.simulate)
+            if self.options.workspace:
+                self._settings["workspace"] = self.options.workspace
+        return self._settings
 
     async def _stop_call(self, call: LiveCall) -> tuple[bool, Any]:
         call.finished_at = time.time()

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import quickjs
 
@@ -75,9 +75,10 @@ class ScriptFailure:
         return f"{prefix}{self.message}{where}"
 
 
-@dataclass(frozen=True)
-class Request:
-    """One entry of the outbox: ``kind`` is agent, workflow, timer, clear_timer, log, phase or failure."""
+class Request(NamedTuple):
+    """One entry of the outbox: ``kind`` is agent, workflow, timer, clear_timer, log, phase or failure.
+
+    A named tuple: a slice can hold thousands, and a tuple is the cheapest immutable record."""
 
     kind: str
     id: int
@@ -385,7 +386,7 @@ class Isolate:
         if self._boot_args is not None:  # recorded for replay
             self._digests.append(hash(outbox))
         raw = json.loads(outbox)
-        requests = tuple(Request(kind, rid, payload) for kind, rid, payload in raw["out"])
+        requests = tuple(map(Request._make, raw["out"]))
         done = raw["done"]
         if done is None:
             return Slice(requests=requests, cpu_s=cpu_s)
