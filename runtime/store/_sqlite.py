@@ -118,6 +118,9 @@ class _Write:
         return len(self.records if self.records is not None else self.rows or ())
 
 
+# Journal entries pending that wake the writer before the loop turn ends.
+_EARLY_WAKE = 32
+
 # Wakes the writer to take the pending events; never executed itself.
 _WAKE = _Write(sql="", what="wake")
 
@@ -425,8 +428,12 @@ class SQLiteStore:
             wake = not self._events_pending and not self._calls_pending
             self._calls_pending.append(call)
             self._calls_waiting.append((loop, waiter))
+            pending = len(self._calls_pending)
         if wake:
             self._wake_soon(loop)
+        elif pending == _EARLY_WAKE:
+            # A long loop turn is filling the batch: start committing it now, in parallel.
+            self._queue.put(_WAKE)
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
         # Only the first event after a take wakes the writer, so a burst costs one queue operation.
