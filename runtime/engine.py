@@ -129,6 +129,11 @@ class Engine:
             await self._recover_runs()
         return self
 
+    @property
+    def isolate_evictions(self) -> int:
+        """Isolates of waiting scripts given up to save memory in this process (see Limits.evict_idle_s)."""
+        return sandbox.evictions_total()
+
     async def _prepare_isolates(self) -> None:
         """Top up the spare isolates that let a run skip hardening on its critical path."""
         try:
