@@ -113,6 +113,7 @@ class Engine:
             resolve_model=self._resolve_model,
             load_workflow=store.get_workflow,
             list_workflows=self._workflow_names,
+            isolate_started=self._top_up_isolates,
         )
 
     async def __aenter__(self) -> Engine:
@@ -278,10 +279,13 @@ class Engine:
             raise RuntimeError("the engine is not running: use `async with Engine(...)`")
         self._tg.start_soon(self._drive, run, name=f"run {run.id}")
 
-    async def _drive(self, run: Run) -> None:
+    def _top_up_isolates(self) -> None:
+        """Called once a run's first slice is done, so preparing spares never competes with it."""
         if not self._preparing and sandbox.spare_isolates_wanted() and self._tg is not None:
             self._preparing = True
             self._tg.start_soon(self._prepare_isolates)
+
+    async def _drive(self, run: Run) -> None:
         try:
             await self._drive_inner(run)
         finally:

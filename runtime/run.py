@@ -96,6 +96,7 @@ class RunContext:
     resolve_model: Callable[[str | None, str | None, str | None], str | None]
     load_workflow: Callable[[str], Awaitable[WorkflowRecord | None]]
     list_workflows: Callable[[], Awaitable[list[str]]]
+    isolate_started: Callable[[], None] = lambda: None  # a script ran its first slice
 
 
 @dataclass(slots=True)

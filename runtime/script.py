@@ -93,6 +93,7 @@ class ScriptDriver:
 
     async def _drive(self) -> Slice:
         current = await self._pool.run(partial(self._isolate.start, self._body, self._config))
+        self.run.ctx.isolate_started()
         while True:
             await self._handle(current.requests)
             self._mark_handled()
