@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -30,6 +30,7 @@ from anyio.abc import TaskGroup
 from sandbox import Isolate, IsolateLimits, ScriptFailure, check_script
 
 from .backends import AgentRequest, Usage
+from .calls import LiveCall, PhaseStats
 from .dispatcher import AgentOutcome, Dispatcher
 from .errors import AgentNotFound, InvalidAgentState, InvalidRunState
 from .events import EventLog, EventType
@@ -40,7 +41,7 @@ from .schema import schema_problem
 from .state import AgentStatus, RunStatus, can_transition
 from .store import CallRecord, RunRecord, Store, WorkflowRecord
 
-__all__ = ["LiveCall", "Run", "RunContext", "default_label"]
+__all__ = ["LiveCall", "PhaseStats", "Run", "RunContext", "default_label"]
 
 logger = logging.getLogger("quickflow.run")
 
@@ -97,109 +98,6 @@ class RunContext:
     load_workflow: Callable[[str], Awaitable[WorkflowRecord | None]]
     list_workflows: Callable[[], Awaitable[list[str]]]
     isolate_started: Callable[[], None] = lambda: None  # a script ran its first slice
-
-
-@dataclass(slots=True)
-class LiveCall:
-    """An agent call while its run is live; ``record()`` is its journal entry."""
-
-    index: int
-    key: str
-    occurrence: int
-    prompt: str
-    options: dict[str, Any]
-    label: str
-    phase: str
-    status: AgentStatus = AgentStatus.QUEUED
-    attempt: int = 1
-    output: Any = None
-    usage: Usage = Usage()
-    cost_usd: float = 0.0
-    model: str | None = None
-    error: str | None = None
-    queued_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    transcript: list[Any] = field(default_factory=list)
-    scope: anyio.CancelScope | None = None
-    # Queue order on the run's queue: later pipeline stages first, then lower item indices.
-    priority: tuple[int, ...] = ()
-    next_stage: bool = False  # started by a pipeline stage that has a stage after it
-    schema: Any = None
-    cached_source: CallRecord | None = None  # served from the resume source, not executed
-    deliver: Callable[[bool, Any], None] | None = None
-    handled: Callable[[], Awaitable[None]] | None = None
-    delivered: bool = False  # the script has been handed the result (or never will be)
-    on_delivered: asyncio.Future[None] | None = None  # resolved then, for a worker that waits for it
-    stop_requested: bool = False
-    restart_requested: bool = False
-
-    def record(self, run_id: str, status: AgentStatus | None = None) -> CallRecord:
-        return CallRecord(
-            run_id=run_id,
-            index=self.index,
-            key=self.key,
-            occurrence=self.occurrence,
-            status=(status or self.status)._value_,  # not .value: a property, and this is hot
-            prompt=self.prompt,
-            options=self.options,
-            label=self.label,
-            phase=self.phase,
-            output=self.output,
-            usage=self.usage.to_dict(),
-            cost_usd=self.cost_usd,
-            model=self.model,
-            attempts=self.attempt,
-            queued_at=self.queued_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            error=self.error,
-            transcript=list(self.transcript),
-        )
-
-    def open_scope(self) -> anyio.CancelScope:
-        """The scope the dispatcher runs this call under: ``stop`` and ``restart`` cancel it."""
-        self.scope = anyio.CancelScope()
-        return self.scope
-
-    def take_result(self, source: CallRecord) -> None:
-        """Adopt a journaled call's answer instead of executing this one."""
-        self.output = source.output
-        self.attempt = source.attempts
-        self.model = source.model or self.model
-        self.started_at, self.finished_at = source.started_at, source.finished_at
-
-    def event_data(self, **extra: Any) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "index": self.index,
-            "label": self.label,
-            "phase": self.phase,
-            "model": self.model or self.options.get("model"),
-            "attempt": self.attempt,
-        }
-        data.update(extra)
-        return data
-
-
-@dataclass
-class PhaseStats:
-    title: str
-    started_at: float | None = None
-    finished_at: float | None = None
-    counts: dict[str, int] = field(default_factory=dict)
-    output_tokens: int = 0
-    input_tokens: int = 0
-    cost_usd: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        end = self.finished_at or time.time()
-        return {
-            "title": self.title,
-            "agents": dict(self.counts),
-            "tokens": {"input": self.input_tokens, "output": self.output_tokens},
-            "cost_usd": round(self.cost_usd, 6),
-            "elapsed_s": round(end - self.started_at, 3) if self.started_at else 0.0,
-        }
 
 
 class Run:

@@ -1,0 +1,125 @@
+"""An agent call's live state and a phase's tallies, as the run and its views see them.
+
+:class:`LiveCall` is one ``agent()`` call while its run is live (``record()`` is its journal
+entry, ``event_data()`` the common fields of its events); :class:`PhaseStats` counts a phase's
+agents, tokens and cost for the run's summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from .backends import Usage
+from .state import AgentStatus
+from .store import CallRecord
+
+__all__ = ["LiveCall", "PhaseStats"]
+
+
+@dataclass(slots=True)
+class LiveCall:
+    """An agent call while its run is live; ``record()`` is its journal entry."""
+
+    index: int
+    key: str
+    occurrence: int
+    prompt: str
+    options: dict[str, Any]
+    label: str
+    phase: str
+    status: AgentStatus = AgentStatus.QUEUED
+    attempt: int = 1
+    output: Any = None
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    model: str | None = None
+    error: str | None = None
+    queued_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    transcript: list[Any] = field(default_factory=list)
+    scope: anyio.CancelScope | None = None
+    # Queue order on the run's queue: later pipeline stages first, then lower item indices.
+    priority: tuple[int, ...] = ()
+    next_stage: bool = False  # started by a pipeline stage that has a stage after it
+    schema: Any = None
+    cached_source: CallRecord | None = None  # served from the resume source, not executed
+    deliver: Callable[[bool, Any], None] | None = None
+    handled: Callable[[], Awaitable[None]] | None = None
+    delivered: bool = False  # the script has been handed the result (or never will be)
+    on_delivered: asyncio.Future[None] | None = None  # resolved then, for a worker that waits for it
+    stop_requested: bool = False
+    restart_requested: bool = False
+
+    def record(self, run_id: str, status: AgentStatus | None = None) -> CallRecord:
+        return CallRecord(
+            run_id=run_id,
+            index=self.index,
+            key=self.key,
+            occurrence=self.occurrence,
+            status=(status or self.status)._value_,  # not .value: a property, and this is hot
+            prompt=self.prompt,
+            options=self.options,
+            label=self.label,
+            phase=self.phase,
+            output=self.output,
+            usage=self.usage.to_dict(),
+            cost_usd=self.cost_usd,
+            model=self.model,
+            attempts=self.attempt,
+            queued_at=self.queued_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            error=self.error,
+            transcript=list(self.transcript),
+        )
+
+    def open_scope(self) -> anyio.CancelScope:
+        """The scope the dispatcher runs this call under: ``stop`` and ``restart`` cancel it."""
+        self.scope = anyio.CancelScope()
+        return self.scope
+
+    def take_result(self, source: CallRecord) -> None:
+        """Adopt a journaled call's answer instead of executing this one."""
+        self.output = source.output
+        self.attempt = source.attempts
+        self.model = source.model or self.model
+        self.started_at, self.finished_at = source.started_at, source.finished_at
+
+    def event_data(self, **extra: Any) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "index": self.index,
+            "label": self.label,
+            "phase": self.phase,
+            "model": self.model or self.options.get("model"),
+            "attempt": self.attempt,
+        }
+        data.update(extra)
+        return data
+
+
+@dataclass
+class PhaseStats:
+    title: str
+    started_at: float | None = None
+    finished_at: float | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    output_tokens: int = 0
+    input_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        end = self.finished_at or time.time()
+        return {
+            "title": self.title,
+            "agents": dict(self.counts),
+            "tokens": {"input": self.input_tokens, "output": self.output_tokens},
+            "cost_usd": round(self.cost_usd, 6),
+            "elapsed_s": round(end - self.started_at, 3) if self.started_at else 0.0,
+        }
