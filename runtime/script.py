@@ -125,8 +125,11 @@ class ScriptDriver:
             if idle_s > 0 and not self._isolate.evicted and self._isolate.evictable:
                 with anyio.move_on_after(idle_s):
                     await changed.wait()
-                # Freeing a context takes milliseconds for a big heap: not on the event loop.
-                if not self._inbox and self._isolate.evictable and await self._pool.run(self._isolate.evict):
+                # Not while scripts queue for the pool: memory is not what is short then, and a
+                # replay would only add to the queue. Freeing a context takes milliseconds for a
+                # big heap, so not on the event loop either.
+                if (not self._inbox and self._isolate.evictable and not self._pool.statistics().waiting
+                        and await self._pool.run(self._isolate.evict)):
                     self.run.isolate_evictions += 1
             else:
                 await changed.wait()

@@ -175,6 +175,7 @@ def user_position(stack: str) -> tuple[int, int] | None:
 MAX_REPLAY_SLICES = 256
 MAX_REPLAY_CPU_S = 0.25
 MAX_EVICTIONS = 64
+REPLAY_SLICE_S = 10.0  # the time limit of one replayed slice (see _rehydrate)
 
 
 class _ReplayDiverged(Exception):
@@ -293,14 +294,20 @@ class Isolate:
         assert self._boot_args is not None
         cpu_started = time.thread_time()
         self._evicted = False
+        # Replayed slices all ran within the limit before, and all of them together cost at most
+        # MAX_REPLAY_CPU_S: only a busy machine can make one take longer (the engine's limit is
+        # wall-clock), and that must not fail an honest run.
+        limit = max(self.limits.slice_cpu_s, REPLAY_SLICE_S)
         try:
-            self._boot(*self._boot_args)
-            self._drain(time.perf_counter())
+            self._boot(*self._boot_args, time_limit=limit)
+            self._drain(time.perf_counter(), limit)
             self._check_replay(0)
             for step, (results, state) in enumerate(self._history[:-1], start=1):
                 self._settle(_settlement(results, state))
-                self._drain(time.perf_counter())
+                self._drain(time.perf_counter(), limit)
                 self._check_replay(step)
+            assert self._ctx is not None
+            self._ctx.set_time_limit(self.limits.slice_cpu_s)
         except (_ReplayDiverged, _LimitHit, quickjs.JSException, RecursionError) as exc:
             self.close()
             return ScriptFailure(
@@ -319,11 +326,11 @@ class Isolate:
         if step >= len(self._digests) or hash(raw) != self._digests[step]:
             raise _ReplayDiverged(f"slice {step} asked for something else than before")
 
-    def _boot(self, body: str, config: Mapping[str, Any]) -> None:
+    def _boot(self, body: str, config: Mapping[str, Any], *, time_limit: float | None = None) -> None:
         ctx, self._take, self._settle, self._start = _SPARES.take() or _prepared_context()
         ctx.set_memory_limit(self.limits.heap_bytes)
         ctx.set_max_stack_size(self.limits.stack_bytes)
-        ctx.set_time_limit(self.limits.slice_cpu_s)
+        ctx.set_time_limit(time_limit or self.limits.slice_cpu_s)
         self._ctx = ctx
         main = ctx.eval(wrap_body(body))
         self._start(main, json.dumps(dict(config), separators=(",", ":")))
@@ -370,11 +377,11 @@ class Isolate:
         finally:
             self._lock.release()
 
-    def _drain(self, started: float) -> None:
+    def _drain(self, started: float, limit: float | None = None) -> None:
         ctx = self._ctx
         if ctx is None:
             return
-        limit = self.limits.slice_cpu_s
+        limit = limit or self.limits.slice_cpu_s
         while ctx.execute_pending_job():
             # The engine's interrupt handler bounds one job; this bounds a flood of short ones.
             if time.perf_counter() - started > limit:
