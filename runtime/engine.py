@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -333,17 +333,14 @@ class Engine:
     def _cost_usd(self, model: str, usage: Any) -> float:
         return models.usage_cost(self._price_for(model), usage)
 
-    def _resolve_model(self, requested: str | None, run_model: str | None, agent_type: str | None = None) -> str:
-        """The script's model, else the agent profile's, else the run's, else the server default."""
-        return str(self._resolve_model_cached(requested, run_model, agent_type))
-
     @functools.cached_property
-    def _resolve_model_cached(self) -> Any:
+    def _resolve_model(self) -> Callable[[str | None, str | None, str | None], str]:
         # Once per distinct request: the alias tables are configuration. Bounded, because the
         # requested name comes from scripts.
         return functools.lru_cache(maxsize=1024)(self._choose_model)
 
     def _choose_model(self, requested: str | None, run_model: str | None, agent_type: str | None) -> str:
+        """The script's model, else the agent profile's, else the run's, else the server default."""
         profile = self.settings.profiles.get(agent_type) if agent_type else None
         return models.choose_model(
             requested,

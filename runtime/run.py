@@ -292,7 +292,7 @@ class Run:
             raise InvalidAgentState(self.id, index, call.status.value, "stop", "queued or running")
         call.stop_requested = True
         if call.status is AgentStatus.QUEUED and self._tg is not None:
-            self._tg.start_soon(self._stop_queued, call)  # still in the queue: resolve it now
+            self._tg.start_soon(self._stopped, call)  # still in the queue: resolve it now
         elif call.scope is not None:
             call.scope.cancel()
 
@@ -529,11 +529,6 @@ class Run:
                 call.on_delivered = asyncio.get_running_loop().create_future()
             await call.on_delivered
 
-    async def _stop_queued(self, call: LiveCall) -> None:
-        ok, value = await self._stop_call(call)
-        if call.deliver is not None:
-            call.deliver(ok, value)
-
     async def _run_call(self, call: LiveCall) -> None:
         """Execute (again on restart), then settle; the worker holds the run's slot throughout."""
         backend = self._backend_for(call)
@@ -576,9 +571,10 @@ class Run:
             call.scope = None
 
     async def _stopped(self, call: LiveCall) -> None:
+        """Journal a stopped call and hand the script its null, queued or running."""
         ok, value = await self._stop_call(call)
-        assert call.deliver is not None
-        call.deliver(ok, value)
+        if call.deliver is not None:
+            call.deliver(ok, value)
         call.delivered = True
 
     def backend_retry(self, index: int, attempt: int, reason: str, delay_s: float) -> None:

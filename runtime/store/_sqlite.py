@@ -2,24 +2,26 @@
 
 Concurrency design
 ------------------
-* **One writer.** The store owns exactly one writer thread and one write connection. Every write
-  (``append_events``, ``save_run``, ``save_call``, workflow writes) becomes a ``_Write`` on a FIFO
-  ``queue.Queue``. The writer takes the first queued write plus everything else queued at that
-  moment and runs the whole group in ONE ``BEGIN IMMEDIATE … COMMIT`` (group commit): a thousand
-  agents' events and journal entries cost a handful of commits, not thousands.
-* **Completion.** ``append_events`` only enqueues and returns. Awaited writes enqueue with an asyncio
-  future and wait for it; the writer resolves the futures of a group (one
-  ``loop.call_soon_threadsafe`` per group) only after the COMMIT that included them. Because the
-  queue is FIFO, an awaited write returning also means every write queued before it (events
-  included) has been committed.
+* **One writer.** The store owns exactly one writer thread and one write connection. Run and
+  workflow writes become a ``_Write`` on a FIFO ``queue.Queue``; events and journal entries
+  (``append_events``, ``save_call``, ``journal_call``) gather in pending lists, and only the first
+  one after the writer's last take wakes it (at the end of the loop turn, or at once when a batch
+  fills). The writer takes the first queued write plus everything else queued at that moment,
+  then the pending lists, and runs the whole group in ONE ``BEGIN IMMEDIATE … COMMIT`` (group
+  commit): a thousand agents' events and journal entries cost a handful of commits, not thousands.
+* **Completion.** ``append_events`` returns at once. Awaited writes wait for an asyncio future,
+  ``journal_call`` for a callback; the writer resolves a group's waiters (one
+  ``loop.call_soon_threadsafe`` per group) only after the COMMIT that included them. Pending
+  entries are taken after the queue, so an awaited write returning also means every write queued
+  or pending before it (events included) has been committed.
 * **Errors.** If one write of a group fails, the group is rolled back and replayed one write per
   transaction, so only the faulty write fails; its awaiting caller gets the exception. A failing
   ``append_events`` batch has no caller left to tell: it is logged and counted in
   :meth:`SQLiteStore.statistics`. If BEGIN or COMMIT itself fails, every caller of the group gets
   the error. The writer keeps running either way.
-* **Encoding on the caller.** Records are encoded to JSON when a write is queued, so an
-  unencodable value raises at the call site and later mutation of a dict cannot change what is
-  stored.
+* **Encoding in the writer.** Records are encoded to rows (JSON with orjson) by the writer
+  thread, keeping that work off the event loop; callers hand over records they no longer change.
+  An unencodable value fails its own write only (see Errors).
 * **Reads** run in worker threads (``anyio.to_thread.run_sync``) on a small pool of read-only
   connections, bounded by a ``CapacityLimiter``. WAL lets them proceed while the writer commits,
   and each read starts after the commits of every write that already returned, so it sees them.
@@ -384,12 +386,6 @@ class SQLiteStore:
         with self._lock:
             self._check_open()
             self._queue.put(write)
-
-    async def _write_records(self, sql: str, records: Sequence[Any], encode: Callable[[Any], _Row], what: str) -> int:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        self._enqueue(_Write(sql, what, records=records, encode=encode, waiter=(loop, future)))
-        return await future
 
     async def _write(self, sql: str, params: _Row, what: str) -> int:
         loop = asyncio.get_running_loop()
