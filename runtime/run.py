@@ -505,7 +505,8 @@ class Run:
                     assert call.deliver is not None
                     call.deliver(True, value)
                     continue
-                await self._run_call(call)
+                if await self._run_call(call):
+                    yielded = time.monotonic()  # it awaited: others ran meanwhile
                 older, last = last, call
                 if call.next_stage and call.handled is not None and self._queue and self._queue[0][0] > call.priority:
                     # Only items further behind are waiting: let the script start this item's next
@@ -529,13 +530,19 @@ class Run:
                 call.on_delivered = asyncio.get_running_loop().create_future()
             await call.on_delivered
 
-    async def _run_call(self, call: LiveCall) -> None:
-        """Execute (again on restart), then settle; the worker holds the run's slot throughout."""
+    async def _run_call(self, call: LiveCall) -> bool:
+        """Execute (again on restart), then settle; the worker holds the run's slot throughout.
+
+        Returns whether the call (probably) awaited: the dispatcher opens the call's scope before
+        a non-eager backend starts, and for an eager one only once it awaits.
+        """
         backend = self._backend_for(call)
+        awaited = False
         try:
             while True:
                 if call.stop_requested:
-                    return await self._stopped(call)
+                    await self._stopped(call)
+                    return True
                 request = AgentRequest(
                     run_id=self.id,
                     index=call.index,
@@ -559,14 +566,17 @@ class Run:
                     backend, request, open_scope=call.open_scope,
                     on_retry=lambda attempt, error: self._on_retry(call, attempt, error),
                 )
+                awaited = awaited or call.scope is not None
                 if call.restart_requested:
                     call.restart_requested = False
                     call.attempt += 1
                     self.events.emit(EventType.AGENT_RETRYING, call.event_data(reason="restarted by request"))
                     continue
                 if call.stop_requested:
-                    return await self._stopped(call)
-                return self._settle_call(call, outcome)
+                    await self._stopped(call)
+                    return True
+                self._settle_call(call, outcome)
+                return awaited
         finally:
             call.scope = None
 
