@@ -177,6 +177,8 @@
   // --- parallel() and pipeline() ----------------------------------------------------------
   function qf$failure(message) { qf$push('failure', 0, { message }); }
 
+  const LAUNCH_CHUNK = 64;
+
   function parallel(thunks) {
     if (!isArray(thunks) || thunks.some((t) => typeof t !== 'function')) {
       return Promise.reject(new TypeError(
@@ -199,7 +201,7 @@
       results[i] = value;
       if (--remaining === 0) finish(results);
     };
-    for (let i = 0; i < thunks.length; i++) {
+    const qf$launch = (i) => {
       const qf$failed = (err) => {
         qf$failure(`parallel[${i}] failed: ${qf$message(err)}`);
         qf$settle(i, null);
@@ -209,10 +211,19 @@
         pending = thunks[i]();
       } catch (err) {
         qf$failed(err);
-        continue;
+        return;
       }
       Promise.resolve(pending).then(function qf$fulfilled(value) { qf$settle(i, value); }, qf$failed);
-    }
+    };
+    // Thousands of thunks start in chunks, with a round trip to the host in between: the
+    // host starts the first agents while this script is still asking for the rest.
+    let next = 0;
+    const qf$chunk = () => {
+      const end = Math.min(thunks.length, next + LAUNCH_CHUNK);
+      while (next < end) qf$launch(next++);
+      if (next < thunks.length) qf$request('yield', null).then(qf$chunk);
+    };
+    qf$chunk();
     return all;
   }
 

@@ -432,3 +432,22 @@ async def test_pipeline_items_stream_through_a_full_queue() -> None:
             events = [(e.type, e.data.get("label")) for e in engine.live(record.id).events.history()]
     assert record.status == "completed" and len(record.result) == 8
     assert events.index(("agent.completed", "i0-s2")) < events.index(("agent.started", "i7-s0"))
+
+
+async def test_a_large_parallel_starts_agents_before_it_has_asked_for_all_of_them() -> None:
+    # parallel() launches its thunks in chunks with a slice boundary in between, so the host
+    # runs the first agents while the script is still creating the rest; results keep order.
+    script = """let firstDone = false, lastSawFirst = null;
+const thunk = (i) => () => {
+  if (i === 299) lastSawFirst = firstDone;
+  const pending = agent(`n ${i}`, {label: `a${i}`});
+  return i === 0 ? pending.then((text) => { firstDone = true; return text; }) : pending;
+};
+const r = await parallel(Array.from({length: 300}, (_, i) => thunk(i)));
+return {lastSawFirst, order: r.map((text, i) => typeof text === 'string' && text.length > 0 ? i : -1)}"""
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(RunRequest(script=script, options={"max_agents": 300}))
+            record = await engine.wait(record.id)
+    assert record.status == "completed"
+    assert record.result == {"lastSawFirst": True, "order": list(range(300))}
