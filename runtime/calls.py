@@ -51,7 +51,10 @@ class LiveCall:
     schema: Any = None
     cached_source: CallRecord | None = None  # served from the resume source, not executed
     deliver: Callable[[bool, Any], None] | None = None
-    handled: Callable[[], Awaitable[None]] | None = None
+    # Called right after ``deliver``: an event set once the script has run the slice that saw
+    # this result and queued what it asked for.
+    handled: Callable[[], anyio.Event] | None = None
+    handled_event: anyio.Event | None = None
     delivered: bool = False  # the script has been handed the result (or never will be)
     on_delivered: asyncio.Future[None] | None = None  # resolved then, for a worker that waits for it
     stop_requested: bool = False

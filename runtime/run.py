@@ -131,6 +131,7 @@ class Run:
         self._occurrences = Occurrences()
         self._queue: list[tuple[tuple[int, ...], LiveCall]] = []  # a heap, most urgent first
         self._workers = 0
+        self._executing = 0  # workers inside a call, as opposed to about to take one
         self._tg: TaskGroup | None = None
         self._unpaused = anyio.Event()
         self._unpaused.set()
@@ -355,11 +356,12 @@ class Run:
         payload: dict[str, Any],
         *,
         deliver: Callable[[bool, Any], None],
-        handled: Callable[[], Awaitable[None]] | None = None,
+        handled: Callable[[], anyio.Event] | None = None,
         group: str | None = None,
     ) -> None:
         """Take one ``agent()`` request. ``deliver(ok, value)`` is called once with the output (or
-        null) or the error for JS; ``handled()`` waits until the script has handled a delivery.
+        null) or the error for JS; ``handled()``, called right after a delivery, is an event set
+        once the script has handled it.
 
         Validation, journal lookups and queueing happen here, synchronously; execution happens
         on the run's workers (at most ``concurrency``), most urgent call first.
@@ -412,7 +414,8 @@ class Run:
         """Enough workers for the queue, at most ``concurrency``."""
         if self._tg is None:
             return
-        while self._workers < min(self.options.concurrency, len(self._queue)):
+        # Workers not executing a call take from the queue as soon as they can.
+        while self._workers < min(self.options.concurrency, self._executing + len(self._queue)):
             self._workers += 1
             self._tg.start_soon(self._worker)
 
@@ -500,19 +503,25 @@ class Run:
                 _, call = heapq.heappop(self._queue)
                 if call.stop_requested:
                     continue  # stopped while queued: stop_agent settles it
-                if call.cached_source is not None:
-                    value = await self._serve_cached(call, call.cached_source)
-                    assert call.deliver is not None
-                    call.deliver(True, value)
-                    continue
-                if await self._run_call(call):
-                    yielded = time.monotonic()  # it awaited: others ran meanwhile
+                self._executing += 1
+                try:
+                    if call.cached_source is not None:
+                        value = await self._serve_cached(call, call.cached_source)
+                        assert call.deliver is not None
+                        call.deliver(True, value)
+                        continue
+                    if await self._run_call(call):
+                        yielded = time.monotonic()  # it awaited: others ran meanwhile
+                finally:
+                    self._executing -= 1
                 older, last = last, call
                 if call.next_stage and call.handled is not None and self._queue and self._queue[0][0] > call.priority:
                     # Only items further behind are waiting: let the script start this item's next
                     # stage (once it sees this result) before the slot goes to one of them.
                     await self._delivered(call)
-                    await call.handled()
+                    if call.handled_event is not None:
+                        await call.handled_event.wait()
+                        call.handled_event = None
                     yielded = time.monotonic()
                 elif time.monotonic() - yielded > _WORKER_TURN_S:
                     # Calls that answer without awaiting (zero-latency simulate) never yield.
@@ -660,6 +669,8 @@ class Run:
                 self.events.emit(*event)
                 assert call.deliver is not None
                 call.deliver(ok, value)
+                if call.next_stage and call.handled is not None:
+                    call.handled_event = call.handled()
             call.delivered = True
             if call.on_delivered is not None and not call.on_delivered.done():
                 call.on_delivered.set_result(None)

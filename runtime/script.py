@@ -72,7 +72,8 @@ class ScriptDriver:
         # and a parked run should not pay for a task that waits for nothing.
         self._timers_changed: anyio.Event | None = None
         self._failure: ScriptFailure | None = None
-        self._handled: anyio.Event | None = None  # set after each slice's requests are handled
+        # Set once the slice that settles what the inbox holds now has been handled.
+        self._batch_handled: anyio.Event | None = None
         self._done = False
         self._tg: TaskGroup | None = None
 
@@ -86,7 +87,8 @@ class ScriptDriver:
             return final
         finally:
             self._done = True
-            self._mark_handled()
+            if self._batch_handled is not None:
+                self._batch_handled.set()
             self._isolate.close()
 
     # --- the loop ---------------------------------------------------------------------------
@@ -94,9 +96,11 @@ class ScriptDriver:
     async def _drive(self) -> Slice:
         current = await self._pool.run(partial(self._isolate.start, self._body, self._config))
         self.run.ctx.isolate_started()
+        handled: anyio.Event | None = None
         while True:
             await self._handle(current.requests)
-            self._mark_handled()
+            if handled is not None:
+                handled.set()
             if current.finished:
                 return current
             if self._failure is not None:
@@ -114,6 +118,7 @@ class ScriptDriver:
                 )
             await self._wait_for_inbox()
             batch, self._inbox = self._inbox, []
+            handled, self._batch_handled = self._batch_handled, None
             current = await self._pool.run(partial(self._isolate.settle, batch, self.run.js_state()))
 
     async def _wait_for_inbox(self) -> None:
@@ -134,18 +139,14 @@ class ScriptDriver:
             else:
                 await changed.wait()
 
-    async def slice_handled(self) -> None:
-        """Wait until the script has run a slice and queued what that slice asked for."""
-        if self._done:
-            return
-        if self._handled is None:
-            self._handled = anyio.Event()
-        await self._handled.wait()
-
-    def _mark_handled(self) -> None:
-        if self._handled is not None:
-            self._handled.set()
-            self._handled = None
+    def delivery_handled(self) -> anyio.Event:
+        """For a result just delivered: an event set once the script has run the slice that
+        settles it and queued what that slice asked for."""
+        if self._batch_handled is None:
+            self._batch_handled = anyio.Event()
+            if self._done:
+                self._batch_handled.set()
+        return self._batch_handled
 
     def _deliver(self, request_id: int, ok: bool, value: Any) -> None:
         self._outstanding -= 1
@@ -162,7 +163,7 @@ class ScriptDriver:
             if kind == "agent":
                 self._outstanding += 1
                 self.run.submit_agent(
-                    payload, deliver=partial(self._deliver, request.id), handled=self.slice_handled, group=self.group
+                    payload, deliver=partial(self._deliver, request.id), handled=self.delivery_handled, group=self.group
                 )
                 agents += 1
                 if agents % AGENTS_PER_TURN == 0:

@@ -451,3 +451,22 @@ return {lastSawFirst, order: r.map((text, i) => typeof text === 'string' && text
             record = await engine.wait(record.id)
     assert record.status == "completed"
     assert record.result == {"lastSawFirst": True, "order": list(range(300))}
+
+
+async def test_calls_queued_while_others_execute_take_the_free_slots() -> None:
+    # Two calls run; two more arrive while they do. Concurrency 4 leaves two slots free, so the
+    # late ones start at once rather than after the first two finish.
+    script = """const first = [agent('a', {label: 'a'}), agent('b', {label: 'b'})]
+await new Promise((resolve) => setTimeout(resolve, 10))
+const second = [agent('c', {label: 'c'}), agent('d', {label: 'd'})]
+return (await Promise.all([...first, ...second])).length"""
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(
+                RunRequest(script=script, options={"concurrency": 4, "simulate": {"latency_ms": 1000}})
+            )
+            record = await engine.wait(record.id)
+            calls = {call.label: call for call in await engine.store.list_calls(record.id)}
+    assert record.result == 4
+    first_finished = min(calls[label].finished_at or 0.0 for label in "ab")
+    assert all((calls[label].started_at or 1e18) < first_finished for label in "cd")
