@@ -56,12 +56,32 @@
 
   function qf$push(kind, id, payload) { outbox.push([kind, id, payload]); }
 
+  // The newest request's promise and its waiter, for parallel(): a thunk that returns exactly
+  // that promise gets its result through `listener`, called by settle() itself. A then() would
+  // cost a job per result, and the host pays for every job (the engine runs one per call).
+  let newestPromise = null;
+  let newestWaiter = null;
+
   function qf$request(kind, payload) {
     const id = nextId++;
-    return new Promise(function qf$executor(resolve, reject) {
-      pending.set(id, { resolve, reject });
-      qf$push(kind, id, payload);
+    const waiter = { resolve: null, reject: null, listener: null, settled: false };
+    const promise = new Promise(function qf$executor(resolve, reject) {
+      waiter.resolve = resolve;
+      waiter.reject = reject;
     });
+    pending.set(id, waiter);
+    qf$push(kind, id, payload);
+    newestPromise = promise;
+    newestWaiter = waiter;
+    return promise;
+  }
+
+  // Registers `listener(ok, value)` for `promise` if it is the newest request, still pending
+  // and not yet listened to; false otherwise (the caller uses then()).
+  function qf$listen(promise, listener) {
+    if (promise !== newestPromise || newestWaiter.settled || newestWaiter.listener !== null) return false;
+    newestWaiter.listener = listener;
+    return true;
   }
 
   function qf$message(err) {
@@ -213,7 +233,10 @@
         qf$failed(err);
         return;
       }
-      Promise.resolve(pending).then(function qf$fulfilled(value) { qf$settle(i, value); }, qf$failed);
+      const qf$fulfilled = (value) => { qf$settle(i, value); };
+      if (!qf$listen(pending, (ok, value) => (ok ? qf$fulfilled(value) : qf$failed(value)))) {
+        Promise.resolve(pending).then(qf$fulfilled, qf$failed);
+      }
     };
     // Thousands of thunks start in chunks, with a round trip to the host in between: the
     // host starts the first agents while this script is still asking for the rest.
@@ -407,8 +430,11 @@
       const waiter = pending.get(id);
       if (waiter === undefined) continue;
       pending.delete(id);
-      if (ok) waiter.resolve(value);
-      else waiter.reject(qf$makeError(value));
+      waiter.settled = true;
+      const outcome = ok ? value : qf$makeError(value);
+      if (waiter.listener !== null) waiter.listener(ok, outcome);
+      if (ok) waiter.resolve(outcome);
+      else waiter.reject(outcome);
     }
   }
 

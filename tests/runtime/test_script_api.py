@@ -171,6 +171,40 @@ CASES = [
         options={"max_agents": 1},
         failure="parallel[1] failed: agent cap reached",
     ),
+    # parallel() takes an agent() promise's result straight from the host when a thunk returns
+    # the newest request; every other shape goes through then().
+    Case(
+        "parallel-same-promise-twice",
+        "const p = agent('say-a'); return await parallel([() => p, () => p])",
+        result=["A", "A"],
+        options=CANNED,
+    ),
+    Case(
+        "parallel-promise-settled-earlier",
+        "const p = agent('say-a'); await p; return await parallel([() => p, () => agent('say-b')])",
+        result=["A", "B"],
+        options=CANNED,
+    ),
+    Case(
+        "parallel-promise-also-awaited-elsewhere",
+        "let seen = null; const r = await parallel([() => { const p = agent('say-a'); p.then((v) => { seen = v }); return p }]); "
+        "return [r[0], seen]",
+        result=["A", "A"],
+        options=CANNED,
+    ),
+    Case(
+        "parallel-failed-agent-is-null",
+        "return await parallel([() => agent('doomed one'), () => agent('say-b')])",
+        result=[None, "B"],
+        options={"simulate": {**CANNED["simulate"], "fail": ["doomed"]}},
+    ),
+    Case(
+        "parallel-rejected-agent-is-null-and-a-failure",
+        f"return await parallel([() => agent('never valid', {{schema: {SCHEMA_N5}}}), () => agent('say-b')])",
+        result=[None, "B"],
+        options={"simulate": {**CANNED["simulate"], "invalid": ["never valid"]}},
+        failure="parallel[0] failed: agent 'never valid' gave no valid structured output",
+    ),
     # --- pipeline() -----------------------------------------------------------------------------
     Case(
         "pipeline-stage-arguments",
