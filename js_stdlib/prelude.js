@@ -79,7 +79,7 @@
   // Registers `listener(ok, value)` for `promise` if it is the newest request, still pending
   // and not yet listened to; false otherwise (the caller uses then()).
   function qf$listen(promise, listener) {
-    if (promise !== newestPromise || newestWaiter.settled || newestWaiter.listener !== null) return false;
+    if (newestWaiter === null || promise !== newestPromise || newestWaiter.settled || newestWaiter.listener !== null) return false;
     newestWaiter.listener = listener;
     return true;
   }
@@ -262,29 +262,42 @@
       return Promise.reject(new TypeError(
         'pipeline() expects stage functions after the items: pipeline(items, (item) => agent(...), ...)'));
     }
-    return Promise.all(items.map(async function qf$chain(item, i) {
-      let value = item;
-      for (let s = 0; s < stages.length; s++) {
-        try {
-          // Agents started synchronously by this stage carry [stage, item] so the host can
-          // let items stream through: later stages first, then lower item indices.
-          const outer = currentPriority;
-          currentPriority = [s, i, stages.length];
-          let pending;
-          try {
-            pending = stages[s](value, item, i);
-          } finally {
-            currentPriority = outer;
-          }
-          value = await pending;
-        } catch (err) {
-          qf$failure(`pipeline[${i}] failed: ${qf$message(err)}`);
-          return null;
-        }
-        if (value === null) return null;
+    if (items.length === 0) return Promise.resolve([]);
+    // Each item advances stage by stage through callbacks, not an async function: a stage's
+    // agent() result then reaches the next stage without a promise job (see qf$listen).
+    const results = new Array(items.length);
+    let remaining = items.length;
+    let finish;
+    const all = new Promise(function qf$executor(resolve) { finish = resolve; });
+    const qf$done = (i, value) => {
+      results[i] = value;
+      if (--remaining === 0) finish(results);
+    };
+    const qf$advance = (item, i, s, value) => {
+      if (s === stages.length) return qf$done(i, value);
+      const qf$failed = (err) => {
+        qf$failure(`pipeline[${i}] failed: ${qf$message(err)}`);
+        qf$done(i, null);
+      };
+      // Agents started synchronously by this stage carry [stage, item] so the host can let
+      // items stream through: later stages first, then lower item indices.
+      const outer = currentPriority;
+      currentPriority = [s, i, stages.length];
+      let pending;
+      try {
+        pending = stages[s](value, item, i);
+      } catch (err) {
+        currentPriority = outer;
+        return qf$failed(err);
       }
-      return value;
-    }));
+      currentPriority = outer;
+      const qf$next = (next) => (next === null ? qf$done(i, null) : qf$advance(item, i, s + 1, next));
+      if (!qf$listen(pending, (ok, next) => (ok ? qf$next(next) : qf$failed(next)))) {
+        Promise.resolve(pending).then(qf$next, qf$failed);
+      }
+    };
+    for (let i = 0; i < items.length; i++) qf$advance(items[i], i, 0, items[i]);
+    return all;
   }
 
   // --- phase(), log(), console ------------------------------------------------------------

@@ -193,6 +193,17 @@ CASES = [
         options=CANNED,
     ),
     Case(
+        "parallel-and-pipeline-before-any-agent",
+        "return [await parallel([() => null, () => undefined]), await pipeline([null, 1], (x) => x)]",
+        result=[[None, None], [None, 1]],
+    ),
+    Case(
+        "pipeline-same-promise-for-two-items",
+        "const p = agent('say-a'); return await pipeline([1, 2], () => p, (prev, item) => prev + item)",
+        result=["A1", "A2"],
+        options=CANNED,
+    ),
+    Case(
         "parallel-failed-agent-is-null",
         "return await parallel([() => agent('doomed one'), () => agent('say-b')])",
         result=[None, "B"],
