@@ -163,4 +163,11 @@
     stack.push(getPrototypeOf(obj));
   }
   for (const obj of seen) freeze(obj);
+
+  // For the prelude, which takes it and deletes it before any user code runs: a promise with its
+  // resolvers straight from the engine, for the prelude's own requests (no executor runs at all).
+  // Defined after the walk, which would make it permanent.
+  defineProperty(g, '__quickflow_resolvers', {
+    value: Function.prototype.call.bind(withResolvers, RealPromise), configurable: true,
+  });
 })();

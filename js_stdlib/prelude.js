@@ -17,6 +17,8 @@
   const isArray = Array.isArray;
   const stringify = JSON.stringify;
   const parse = JSON.parse;
+  const qf$resolvers = g.__quickflow_resolvers; // see hardening.js
+  delete g.__quickflow_resolvers;
 
   // --- error classes -----------------------------------------------------------------------
   class WorkflowAgentCapError extends Error {
@@ -42,7 +44,7 @@
 
   // --- state shared with the host ----------------------------------------------------------
   let outbox = [];
-  const pending = new Map(); // id -> {resolve, reject}
+  const pending = Object.create(null); // id -> waiter; a plain object is several times cheaper than a Map here
   const timers = new Map(); // id -> [fn, args]
   let nextId = 1;
   let done = null; // set once the script's main promise settles
@@ -64,12 +66,9 @@
 
   function qf$request(kind, payload) {
     const id = nextId++;
-    const waiter = { resolve: null, reject: null, listener: null, settled: false };
-    const promise = new Promise(function qf$executor(resolve, reject) {
-      waiter.resolve = resolve;
-      waiter.reject = reject;
-    });
-    pending.set(id, waiter);
+    const { promise, resolve, reject } = qf$resolvers();
+    const waiter = { resolve, reject, listener: null, settled: false };
+    pending[id] = waiter;
     qf$push(kind, id, payload);
     newestPromise = promise;
     newestWaiter = waiter;
@@ -108,25 +107,36 @@
 
   // --- agent() -----------------------------------------------------------------------------
   const EFFORTS = ['low', 'medium', 'high', 'xhigh', 'max'];
-  const KNOWN_OPTIONS = ['label', 'phase', 'schema', 'model', 'effort', 'agentType', 'isolation', 'timeout'];
+  const KNOWN_OPTIONS = freeze({
+    __proto__: null, label: true, phase: true, schema: true, model: true, effort: true, agentType: true,
+    isolation: true, timeout: true,
+  });
+  const NO_UNKNOWN = freeze([]);
+
+  function qf$stringOption(opts, options, key) {
+    const v = opts[key];
+    if (v === undefined || v === null) return;
+    if (typeof v !== 'string' || v === '') throw new TypeError(`agent() option '${key}' must be a non-empty string`);
+    options[key] = v;
+  }
 
   function qf$checkOptions(opts) {
-    if (opts === undefined || opts === null) return { options: {}, unknown: [] };
+    if (opts === undefined || opts === null) return { options: {}, unknown: NO_UNKNOWN };
     if (typeof opts !== 'object' || isArray(opts)) {
       throw new TypeError('agent() options must be an object, e.g. agent(prompt, { label: "..." })');
     }
     const options = {};
-    const unknown = [];
+    let unknown = NO_UNKNOWN;
     for (const key of objectKeys(opts)) {
-      if (!KNOWN_OPTIONS.includes(key)) unknown.push(key);
+      if (KNOWN_OPTIONS[key] !== true) {
+        if (unknown === NO_UNKNOWN) unknown = [];
+        unknown.push(key);
+      }
     }
-    const qf$str = (key) => {
-      const v = opts[key];
-      if (v === undefined || v === null) return;
-      if (typeof v !== 'string' || v === '') throw new TypeError(`agent() option '${key}' must be a non-empty string`);
-      options[key] = v;
-    };
-    qf$str('label'); qf$str('phase'); qf$str('model'); qf$str('agentType');
+    qf$stringOption(opts, options, 'label');
+    qf$stringOption(opts, options, 'phase');
+    qf$stringOption(opts, options, 'model');
+    qf$stringOption(opts, options, 'agentType');
     if (opts.effort !== undefined && opts.effort !== null) {
       if (!EFFORTS.includes(opts.effort)) {
         throw new TypeError(`agent() option 'effort' must be one of ${EFFORTS.join(', ')}, not ${qf$message(opts.effort)}`);
@@ -440,9 +450,9 @@
         }
         continue;
       }
-      const waiter = pending.get(id);
+      const waiter = pending[id];
       if (waiter === undefined) continue;
-      pending.delete(id);
+      delete pending[id];
       waiter.settled = true;
       const outcome = ok ? value : qf$makeError(value);
       if (waiter.listener !== null) waiter.listener(ok, outcome);

@@ -389,6 +389,20 @@ ESCAPES: list[Escape] = [
         [0, True, [True, True]],
     ),
     completes(
+        "spoof-the-promise-resolvers",
+        """
+        let called = 0
+        globalThis.__quickflow_resolvers = () => {
+          called++
+          return { promise: Promise.resolve('fake'), resolve() {}, reject() {} }
+        }
+        const answer = await agent('are you real')
+        const rs = await parallel([() => agent('one')])
+        return [called, answer.startsWith("Simulated answer for 'are you real'"), rs[0].startsWith('Simulated answer')]
+        """,
+        [0, True, True],
+    ),
+    completes(
         "search-globalThis-for-the-host",
         """
         const hostKeys = Object.getOwnPropertyNames(globalThis)
