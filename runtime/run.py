@@ -132,6 +132,7 @@ class Run:
         self._queue: list[tuple[tuple[int, ...], LiveCall]] = []  # a heap, most urgent first
         self._workers = 0
         self._executing = 0  # workers inside a call, as opposed to about to take one
+        self._parked: list[asyncio.Future[None]] = []  # idle workers, waiting for the queue to fill
         self._tg: TaskGroup | None = None
         self._unpaused = anyio.Event()
         self._unpaused.set()
@@ -411,13 +412,20 @@ class Run:
         self._start_workers()
 
     def _start_workers(self) -> None:
-        """Enough workers for the queue, at most ``concurrency``."""
+        """Enough workers for the queue, at most ``concurrency``: parked ones first (waking one
+        costs a fraction of starting a task), then new ones."""
         if self._tg is None:
             return
         # Workers not executing a call take from the queue as soon as they can.
-        while self._workers < min(self.options.concurrency, self._executing + len(self._queue)):
-            self._workers += 1
-            self._tg.start_soon(self._worker)
+        wanted = min(self.options.concurrency, self._executing + len(self._queue))
+        while self._workers - len(self._parked) < wanted:
+            if self._parked:
+                parked = self._parked.pop()
+                if not parked.done():
+                    parked.set_result(None)
+            else:
+                self._workers += 1
+                self._tg.start_soon(self._worker)
 
     def _validate(self, payload: dict[str, Any]) -> dict[str, str] | None:
         """The error for JS when the request cannot become an agent, else None (and count it)."""
@@ -492,14 +500,20 @@ class Run:
             # before the next starts.
             last: LiveCall | None = None
             older: LiveCall | None = None
-            while self._queue:
+            while True:
+                if not self._queue:
+                    # Park until the script asks for more (the run's end cancels this): a zero-
+                    # latency burst would otherwise start and end a task per few calls.
+                    await self._park()
+                    yielded = time.monotonic()
+                    continue
                 if older is not None and not older.delivered:
                     await self._delivered(older)
                     yielded = time.monotonic()
                 while not self._unpaused.is_set():
                     await self._unpaused.wait()
                 if not self._queue:
-                    return
+                    continue
                 _, call = heapq.heappop(self._queue)
                 if call.stop_requested:
                     continue  # stopped while queued: stop_agent settles it
@@ -529,6 +543,15 @@ class Run:
                     yielded = time.monotonic()
         finally:
             self._workers -= 1
+
+    async def _park(self) -> None:
+        parked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._parked.append(parked)
+        try:
+            await parked
+        finally:
+            if parked in self._parked:  # cancelled while parked
+                self._parked.remove(parked)
 
     @staticmethod
     async def _delivered(call: LiveCall) -> None:
