@@ -22,6 +22,11 @@ Concurrency design
 * **Encoding in the writer.** Records are encoded to rows (JSON with orjson) by the writer
   thread, keeping that work off the event loop; callers hand over records they no longer change.
   An unencodable value fails its own write only (see Errors).
+* **Few statements per group.** The sqlite3 module releases the GIL around every step, and
+  taking it back waits up to a switch interval (5 ms) while the event loop is busy: a group
+  written row by row (``executemany``) took seconds beside a busy loop instead of milliseconds.
+  Batches of records go in as multi-row ``INSERT … VALUES (…), (…)`` statements of a few fixed
+  sizes (``_insert_rows``), so a group costs a handful of steps whatever its size.
 * **Reads** run in worker threads (``anyio.to_thread.run_sync``) on a small pool of read-only
   connections, bounded by a ``CapacityLimiter``. WAL lets them proceed while the writer commits,
   and each read starts after the commits of every write that already returned, so it sees them.
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import logging
 import queue
@@ -86,12 +92,11 @@ class StoreStatistics:
 
 @dataclass(slots=True)
 class _Write:
-    """One queued write: ``sql`` run once with ``params``, or once per row of ``rows``."""
+    """One queued write: ``sql`` run once with ``params``, or for every record of ``records``."""
 
     sql: str
     what: str  # for log messages
     params: tuple[Any, ...] = ()
-    rows: list[_Row] | None = None
     waiter: _Waiter | None = None
     # Records encoded to rows by the writer thread, keeping JSON encoding off the event loop.
     records: Sequence[Any] | None = None
@@ -101,10 +106,8 @@ class _Write:
 
     def run(self, conn: sqlite3.Connection) -> int:
         if self.records is not None and self.encode is not None:
-            cursor = conn.executemany(self.sql, [self.encode(r) for r in self.records])
-            return cursor.rowcount
-        cursor = conn.execute(self.sql, self.params) if self.rows is None else conn.executemany(self.sql, self.rows)
-        return cursor.rowcount
+            return _insert_rows(conn, self.sql, [self.encode(r) for r in self.records])
+        return conn.execute(self.sql, self.params).rowcount
 
     def split(self) -> list[_Write]:
         """One write per record, each with its own waiter: to find the one record that fails."""
@@ -117,7 +120,32 @@ class _Write:
     def event_count(self) -> int:
         if self.sql != _INSERT_EVENT:
             return 0
-        return len(self.records if self.records is not None else self.rows or ())
+        return len(self.records or ())
+
+
+# Rows per multi-row statement: powers of two up to 256 (19 columns: well under SQLite's 32766
+# parameters), so each table has nine statement shapes to prepare, and a batch of n rows takes
+# n // 256 full statements plus one per bit of the rest.
+_MAX_ROWS_PER_STATEMENT = 256
+
+
+def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[_Row]) -> int:
+    """Run the one-row ``INSERT … VALUES (?, …)`` ``sql`` for every row, in a few multi-row
+    statements (see the module docstring); the number of rows."""
+    start = 0
+    while start < len(rows):
+        size = min(_MAX_ROWS_PER_STATEMENT, 1 << ((len(rows) - start).bit_length() - 1))
+        chunk = rows[start:start + size]
+        conn.execute(_multi_row(sql, size), [value for row in chunk for value in row])
+        start += size
+    return len(rows)
+
+
+@functools.cache
+def _multi_row(sql: str, rows: int) -> str:
+    start = sql.index("VALUES (") + len("VALUES ")
+    end = sql.index(")", start) + 1
+    return sql[:start] + ", ".join([sql[start:end]] * rows) + sql[end:]
 
 
 # Journal entries pending that wake the writer before the loop turn ends.
