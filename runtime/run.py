@@ -219,7 +219,8 @@ class Run:
         """Usage and progress: agents by state, tokens, cost, duration, phases, warnings, failures."""
         counts: dict[str, int] = {}
         for call in self.calls.values():
-            counts[call.status.value] = counts.get(call.status.value, 0) + 1
+            value = call.status._value_
+            counts[value] = counts.get(value, 0) + 1
         end = self.record.finished_at or time.time()
         start = self.record.started_at or self.record.created_at
         return {
@@ -240,9 +241,8 @@ class Run:
 
     async def _set_status(self, status: RunStatus, **changes: Any) -> None:
         self.status = status
-        self.record = replace(self.record, status=status.value, usage=self.summary(), **changes)
-        if "finished_at" in changes:  # the summary's duration needs the final timestamps
-            self.record = replace(self.record, usage=self.summary())
+        self.record = replace(self.record, status=status.value, **changes)
+        self.record = replace(self.record, usage=self.summary())  # its duration needs the new timestamps
         await self.ctx.store.save_run(self.record)
 
     def _driver(self, body: str, *, args: Any, has_args: bool, depth: int = 0, group: str | None = None) -> Any:
