@@ -63,6 +63,7 @@
   // cost a job per result, and the host pays for every job (the engine runs one per call).
   let newestPromise = null;
   let newestWaiter = null;
+  const qf$settled = (() => { const { promise, resolve } = qf$resolvers(); resolve(); return promise; })();
 
   function qf$request(kind, payload) {
     const id = nextId++;
@@ -76,7 +77,8 @@
   }
 
   // Registers `listener(ok, value)` for `promise` if it is the newest request, still pending
-  // and not yet listened to; false otherwise (the caller uses then()).
+  // and not yet listened to; false otherwise (the caller uses then()). settle() calls a batch's
+  // listeners in one job, after the reactions the script attached to those promises itself.
   function qf$listen(promise, listener) {
     if (newestWaiter === null || promise !== newestPromise || newestWaiter.settled || newestWaiter.listener !== null) return false;
     newestWaiter.listener = listener;
@@ -84,8 +86,13 @@
   }
 
   function qf$message(err) {
-    if (err instanceof Error) return String(err.message);
-    try { return typeof err === 'string' ? err : stringify(err); } catch (_) { return String(err); }
+    // Never throws, whatever a script throws (a getter on message, a toString that throws...).
+    try {
+      if (err instanceof Error) return String(err.message);
+      return typeof err === 'string' ? err : stringify(err);
+    } catch (_) {
+      try { return String(err); } catch (_again) { return 'an unprintable value'; }
+    }
   }
 
   function qf$errorInfo(err) {
@@ -207,8 +214,6 @@
   // --- parallel() and pipeline() ----------------------------------------------------------
   function qf$failure(message) { qf$push('failure', 0, { message }); }
 
-  const LAUNCH_CHUNK = 64;
-
   function parallel(thunks) {
     if (!isArray(thunks) || thunks.some((t) => typeof t !== 'function')) {
       return Promise.reject(new TypeError(
@@ -223,40 +228,30 @@
     if (stop) return Promise.reject(stop);
     // A counter, not Promise.all over async functions: one then() per thunk is about half the
     // engine work (and memory) of an async frame plus an await per thunk, for thousands of them.
-    const results = new Array(thunks.length);
-    let remaining = thunks.length;
+    const count = thunks.length;
+    const results = new Array(count);
+    let remaining = count;
     let finish;
     const all = new Promise(function qf$executor(resolve) { finish = resolve; });
     const qf$settle = (i, value) => {
       results[i] = value;
       if (--remaining === 0) finish(results);
     };
-    const qf$launch = (i) => {
+    for (let i = 0; i < count; i++) {
       const qf$failed = (err) => {
         qf$failure(`parallel[${i}] failed: ${qf$message(err)}`);
         qf$settle(i, null);
       };
-      let pending;
+      const qf$fulfilled = (value) => { qf$settle(i, value); };
       try {
-        pending = thunks[i]();
+        const pending = thunks[i]();
+        if (!qf$listen(pending, (ok, value) => (ok ? qf$fulfilled(value) : qf$failed(value)))) {
+          Promise.resolve(pending).then(qf$fulfilled, qf$failed);
+        }
       } catch (err) {
         qf$failed(err);
-        return;
       }
-      const qf$fulfilled = (value) => { qf$settle(i, value); };
-      if (!qf$listen(pending, (ok, value) => (ok ? qf$fulfilled(value) : qf$failed(value)))) {
-        Promise.resolve(pending).then(qf$fulfilled, qf$failed);
-      }
-    };
-    // Thousands of thunks start in chunks, with a round trip to the host in between: the
-    // host starts the first agents while this script is still asking for the rest.
-    let next = 0;
-    const qf$chunk = () => {
-      const end = Math.min(thunks.length, next + LAUNCH_CHUNK);
-      while (next < end) qf$launch(next++);
-      if (next < thunks.length) qf$request('yield', null).then(qf$chunk);
-    };
-    qf$chunk();
+    }
     return all;
   }
 
@@ -272,11 +267,10 @@
       return Promise.reject(new TypeError(
         'pipeline() expects stage functions after the items: pipeline(items, (item) => agent(...), ...)'));
     }
-    if (items.length === 0) return Promise.resolve([]);
     // Each item advances stage by stage through callbacks, not an async function: a stage's
-    // agent() result then reaches the next stage without a promise job (see qf$listen).
+    // agent() result then reaches the next stage without a promise job each (see qf$listen).
     const results = new Array(items.length);
-    let remaining = items.length;
+    let remaining = 1; // the launch below holds one count until every item has started
     let finish;
     const all = new Promise(function qf$executor(resolve) { finish = resolve; });
     const qf$done = (i, value) => {
@@ -302,11 +296,21 @@
       }
       currentPriority = outer;
       const qf$next = (next) => (next === null ? qf$done(i, null) : qf$advance(item, i, s + 1, next));
-      if (!qf$listen(pending, (ok, next) => (ok ? qf$next(next) : qf$failed(next)))) {
-        Promise.resolve(pending).then(qf$next, qf$failed);
+      try {
+        if (!qf$listen(pending, (ok, next) => (ok ? qf$next(next) : qf$failed(next)))) {
+          Promise.resolve(pending).then(qf$next, qf$failed);
+        }
+      } catch (err) {
+        qf$failed(err);
       }
     };
-    for (let i = 0; i < items.length; i++) qf$advance(items[i], i, 0, items[i]);
+    // map(), as before: the length is read once and holes are skipped (their results stay
+    // undefined, which is null in JSON).
+    items.map((item, i) => {
+      remaining++;
+      qf$advance(item, i, 0, item);
+    });
+    if (--remaining === 0) finish(results);
     return all;
   }
 
@@ -436,6 +440,7 @@
   }
 
   function settle(json) {
+    let listeners = null;
     const batch = parse(json);
     qf$syncState(batch.state);
     for (const [id, ok, value] of batch.results || []) {
@@ -455,9 +460,20 @@
       delete pending[id];
       waiter.settled = true;
       const outcome = ok ? value : qf$makeError(value);
-      if (waiter.listener !== null) waiter.listener(ok, outcome);
       if (ok) waiter.resolve(outcome);
       else waiter.reject(outcome);
+      if (waiter.listener !== null) {
+        if (listeners === null) listeners = [];
+        listeners.push(waiter.listener, ok, outcome);
+      }
+    }
+    if (listeners !== null) {
+      // One job for the batch, queued after the reactions the script attached to these
+      // promises itself, so those run first, as they would with then().
+      const batchListeners = listeners;
+      qf$settled.then(function qf$listeners() {
+        for (let k = 0; k < batchListeners.length; k += 3) batchListeners[k](batchListeners[k + 1], batchListeners[k + 2]);
+      });
     }
   }
 

@@ -172,11 +172,6 @@ class ScriptDriver:
             elif kind == "workflow":
                 self._outstanding += 1
                 self._tg.start_soon(self._workflow, request.id, payload)
-            elif kind == "yield":
-                # The script asks for a slice boundary (parallel() between chunks): the agents it
-                # asked for so far start while it runs on.
-                self._outstanding += 1
-                self._deliver(request.id, True, None)
             elif kind == "timer":
                 self._add_timer(request.id, _delay_ms(payload))
             elif kind == "clear_timer":

@@ -132,9 +132,13 @@ _MAX_ROWS_PER_STATEMENT = 256
 def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[_Row]) -> int:
     """Run the one-row ``INSERT … VALUES (?, …)`` ``sql`` for every row, in a few multi-row
     statements (see the module docstring); the number of rows."""
+    if not rows:
+        return 0
+    # SQLite before 3.32 allows only 999 parameters per statement.
+    most = min(_MAX_ROWS_PER_STATEMENT, max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(rows[0])))
     start = 0
     while start < len(rows):
-        size = min(_MAX_ROWS_PER_STATEMENT, 1 << ((len(rows) - start).bit_length() - 1))
+        size = min(most, 1 << ((len(rows) - start).bit_length() - 1))
         chunk = rows[start:start + size]
         conn.execute(_multi_row(sql, size), [value for row in chunk for value in row])
         start += size

@@ -537,6 +537,44 @@ async def test_a_failed_write_reaches_its_caller_and_spares_its_group(tmp_path: 
 
 
 @pytest.mark.anyio
+async def test_one_bad_entry_in_a_multi_row_batch_fails_alone_and_later_rows_win(tmp_path: Path) -> None:
+    # A group's journal entries go in as a few multi-row statements: an unencodable entry fails
+    # only its own caller, and two entries for the same call keep the later one, as row-by-row
+    # statements did.
+    with anyio.fail_after(10):
+        path = tmp_path / "q.db"
+        async with await SQLiteStore.open(path) as store:
+            outcomes: dict[int, BaseException | None] = {}
+
+            async def save(key: int, record: CallRecord) -> None:
+                try:
+                    await store.save_call(record)
+                    outcomes[key] = None
+                except Exception as exc:
+                    outcomes[key] = exc
+
+            lock = _WriteLock(path)
+            try:
+                await lock.acquire()
+                async with anyio.create_task_group() as tg:
+                    for i in range(300):
+                        output: Any = object() if i == 137 else {"i": i}
+                        tg.start_soon(save, i, call("r", i, output=output))
+                    tg.start_soon(save, 300, call("r", 5, output={"i": "again"}))
+                    await anyio.wait_all_tasks_blocked()
+                    await lock.release()
+            finally:
+                await lock.aclose()
+
+            assert isinstance(outcomes.pop(137), TypeError)
+            assert set(outcomes.values()) == {None}
+            calls = {c.index: c.output for c in await store.list_calls("r")}
+            assert sorted(calls) == [i for i in range(300) if i != 137]
+            assert calls[5] == {"i": "again"}
+            assert calls[6] == {"i": 6}
+
+
+@pytest.mark.anyio
 async def test_a_faulty_event_is_dropped_alone_and_the_writer_continues(tmp_path: Path) -> None:
     with anyio.fail_after(10):
         async with await SQLiteStore.open(tmp_path / "q.db") as store:

@@ -1,7 +1,7 @@
 """Evicting a waiting script's context and rebuilding it by replay (sandbox/_isolate.py).
 
 A small host loop drives an isolate by hand: it answers every agent with a string derived from
-its prompt, fires timers, answers yields, and settles one request per slice so there are many slices to replay.
+its prompt, fires timers, and settles one request per slice so there are many slices to replay.
 The same script run with an eviction before every settlement must make exactly the same
 requests and return exactly the same result as a run that keeps its context.
 """
@@ -45,11 +45,6 @@ SCRIPTS = {
         }
         return out
     """,
-    "a-parallel-launched-in-chunks": """
-        // More thunks than parallel() launches in one slice; a few of them ask for agents.
-        const r = await parallel(Array.from({ length: 150 }, (_, i) => () => i % 40 === 0 ? agent('chunked ' + i) : i))
-        return r.map((x) => typeof x === 'string' ? x.length : x).reduce((x, y) => x + y, 0)
-    """,
 }
 
 
@@ -72,7 +67,7 @@ def _drive(body: str, args: Any, *, evict: bool) -> tuple[list[tuple[str, str]],
             if request.kind == "agent":
                 issued += 1
                 pending.append((request.id, *_answer(request)))
-            elif request.kind in ("timer", "yield"):
+            elif request.kind == "timer":
                 pending.append((request.id, True, None))
         if current.finished:
             assert current.failure is None, current.failure
