@@ -47,6 +47,7 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,16 @@ def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[_Row]) -> in
         conn.execute(_multi_row(sql, size), [value for row in chunk for value in row])
         start += size
     return len(rows)
+
+
+def _pop_all(pending: deque[T]) -> list[T]:
+    # Until empty, not len() times: entries appended meanwhile come along (see SQLiteStore).
+    taken: list[T] = []
+    try:
+        while True:
+            taken.append(pending.popleft())
+    except IndexError:
+        return taken
 
 
 @functools.cache
@@ -346,12 +357,15 @@ class SQLiteStore:
         self._writer_conn = writer
         self._applied_migrations = tuple(applied_migrations)
         self._queue: queue.Queue[_Write | None] = queue.Queue()
-        # Guards ``_closing``, ``_writer_alive`` against enqueues, and the idle reader pool.
+        # Guards ``_closing``, ``_writer_alive`` against queued writes, and the idle reader pool.
         self._lock = threading.Lock()
-        # Events and journal entries gather here; the writer takes them whole with its next group.
-        self._events_pending: list[EventRecord] = []
-        self._calls_pending: list[CallRecord] = []
-        self._calls_waiting: list[_Waiter] = []
+        # Events and journal entries gather here, without the lock: appends come from the event
+        # loop thousands of times a second, and a lock the writer happens to hold while the
+        # interpreter switches threads stalls the loop for a switch interval. Each deque
+        # operation is atomic; the writer pops until empty, and an append that makes a deque
+        # non-empty wakes it, so no entry is left behind.
+        self._events_pending: deque[EventRecord] = deque()
+        self._calls_pending: deque[tuple[CallRecord, _Waiter]] = deque()
         self._wake_scheduled = False  # touched on the event loop only
         self._closing = False
         self._writer_alive = True
@@ -451,28 +465,33 @@ class SQLiteStore:
                    waiter: asyncio.Future[int] | JournalCallback) -> None:
         # Journal entries gather like events, so a burst of finished agents costs one queue
         # operation; each waiter still hears of the COMMIT that includes its own entry.
-        with self._lock:
+        self._check_open()
+        entry = (call, (loop, waiter))
+        pending = self._calls_pending
+        pending.append(entry)
+        count = len(pending)
+        if not self._writer_alive:  # it died meanwhile: fail here, unless it already took this
+            try:
+                pending.remove(entry)
+            except ValueError:
+                return
             self._check_open()
-            wake = not self._events_pending and not self._calls_pending
-            self._calls_pending.append(call)
-            self._calls_waiting.append((loop, waiter))
-            pending = len(self._calls_pending)
-        if wake:
+        if count == 1:
             self._wake_soon(loop)
-        elif pending == _EARLY_WAKE:
+        elif count == _EARLY_WAKE:
             # A long loop turn is filling the batch: start committing it now, in parallel.
             self._queue.put(_WAKE)
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
-        # Only the first event after a take wakes the writer, so a burst costs one queue operation.
+        # Only the batch that makes the pending events non-empty wakes the writer, so a burst
+        # costs one queue operation.
         if not events:
             return
-        with self._lock:
-            if self._closing:
-                raise RuntimeError(f"the store {self._path} is closed")
-            wake = not self._events_pending and not self._calls_pending
-            self._events_pending.extend(events)
-        if wake:
+        if self._closing:
+            raise RuntimeError(f"the store {self._path} is closed")
+        pending = self._events_pending
+        pending.extend(events)
+        if len(pending) == len(events):
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no event loop in this thread: wake the writer now
@@ -500,16 +519,14 @@ class SQLiteStore:
             raise RuntimeError(f"the writer of the store {self._path} has stopped; see the log")
 
     def _take_pending(self) -> list[_Write]:
-        with self._lock:
-            events, self._events_pending = self._events_pending, []
-            calls, self._calls_pending = self._calls_pending, []
-            waiting, self._calls_waiting = self._calls_waiting, []
+        events = _pop_all(self._events_pending)
+        entries = _pop_all(self._calls_pending)
         writes = []
         if events:
             writes.append(_Write(_INSERT_EVENT, "events", records=events, encode=_event_params))
-        if calls:
-            writes.append(_Write(_SAVE_CALL, f"{len(calls)} journal entries", records=calls, encode=_call_params,
-                                 waiters=waiting))
+        if entries:
+            writes.append(_Write(_SAVE_CALL, f"{len(entries)} journal entries", records=[c for c, _ in entries],
+                                 encode=_call_params, waiters=[w for _, w in entries]))
         return writes
 
     async def save_workflow(self, workflow: WorkflowRecord) -> None:
