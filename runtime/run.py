@@ -372,7 +372,9 @@ class Run:
             deliver(False, rejection)
             return
         prompt = str(payload["prompt"])
-        options: dict[str, Any] = {k: v for k, v in payload.items() if k in _CALL_OPTIONS}
+        options: dict[str, Any] = (
+            {} if _CALL_OPTIONS.isdisjoint(payload) else {k: v for k, v in payload.items() if k in _CALL_OPTIONS}
+        )
         schema = options.get("schema")
         agent_type = options.get("agentType")
         key = call_key(

@@ -41,6 +41,9 @@ _WORDS = (
 ).split()
 
 
+_WORD_OF_BYTE = tuple(_WORDS[b % len(_WORDS)] for b in range(256))
+
+
 def _seed(*parts: str) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "big")
 
@@ -175,8 +178,7 @@ class SimulateBackend:
                 return json.dumps({"__invalid__": True}), {"__invalid__": True}
             data = sample_from_schema(request.schema, request.prompt)
             return json.dumps(data), data
-        digest = hashlib.sha256(request.prompt.encode()).digest()
-        words = " ".join([_WORDS[b % len(_WORDS)] for b in digest[:8]])
+        words = " ".join(map(_WORD_OF_BYTE.__getitem__, hashlib.sha256(request.prompt.encode()).digest()[:8]))
         return f"Simulated answer for {request.label or request.prompt[:60]!r}: {words}.", None
 
     def _record(self, request: AgentRequest) -> None:
