@@ -51,6 +51,9 @@ TOO_MANY_PHASES = "(more phases)"
 PREVIEW_CHARS = 200
 # A worker whose calls finish without awaiting yields to the event loop after this long.
 _WORKER_TURN_S = 0.002
+# A pipeline stage's call must take at least this long for its worker to hold the slot for the
+# item's next stage (see _worker).
+_HOLD_MIN_CALL_S = 0.005
 
 
 def default_label(prompt: str) -> str:
@@ -531,9 +534,12 @@ class Run:
                 finally:
                     self._executing -= 1
                 older, last = last, call
-                if call.next_stage and call.handled is not None and self._queue and self._queue[0][0] > call.priority:
+                if (call.next_stage and call.handled is not None and self._queue and self._queue[0][0] > call.priority
+                        and (call.finished_at or 0.0) - (call.started_at or 0.0) >= _HOLD_MIN_CALL_S):
                     # Only items further behind are waiting: let the script start this item's next
-                    # stage (once it sees this result) before the slot goes to one of them.
+                    # stage (once it sees this result) before the slot goes to one of them. Only
+                    # after a call that took a while: the wait (a commit and a slice) is then
+                    # small beside it, while after near-instant calls it would idle the slot.
                     await self._delivered(call)
                     if call.handled_event is not None:
                         await call.handled_event.wait()

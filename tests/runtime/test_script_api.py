@@ -518,6 +518,21 @@ async def test_pipeline_items_stream_through_a_full_queue() -> None:
     assert events.index(("agent.completed", "i0-s2")) < events.index(("agent.started", "i7-s0"))
 
 
+async def test_near_instant_pipeline_calls_do_not_hold_their_slot() -> None:
+    # Holding a slot for an item's next stage costs a commit and a slice; after a call that
+    # answered at once that wait would only idle the slot, so the worker takes the next item.
+    script = """return await pipeline([0, 1, 2],
+  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
+  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}))"""
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(RunRequest(script=script, options={"concurrency": 1}))
+            record = await engine.wait(record.id)
+            started = [e.data.get("label") for e in engine.live(record.id).events.history() if e.type == "agent.started"]
+    assert record.status == "completed" and len(record.result) == 3
+    assert started[:3] == ["i0-s0", "i1-s0", "i2-s0"]
+
+
 async def test_calls_queued_while_others_execute_take_the_free_slots() -> None:
     # Two calls run; two more arrive while they do. Concurrency 4 leaves two slots free, so the
     # late ones start at once rather than after the first two finish.
