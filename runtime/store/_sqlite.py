@@ -48,6 +48,7 @@ import queue
 import sqlite3
 import threading
 from collections import deque
+from itertools import chain
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,10 +125,12 @@ class _Write:
         return len(self.records or ())
 
 
-# Rows per multi-row statement: powers of two up to 256 (19 columns: well under SQLite's 32766
-# parameters), so each table has nine statement shapes to prepare, and a batch of n rows takes
-# n // 256 full statements plus one per bit of the rest.
+# Rows per multi-row statement: up to 256 (19 columns: well under SQLite's 32766 parameters).
+# A batch of n rows goes in as n // 256 full statements, then one of a multiple of 16 rows and
+# one of fewer than 16: at most two steps for a typical group, and 32 statement shapes per table
+# to prepare, which the connection's statement cache keeps.
 _MAX_ROWS_PER_STATEMENT = 256
+_ROW_STEP = 16
 
 
 def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[_Row]) -> int:
@@ -139,9 +142,9 @@ def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[_Row]) -> in
     most = min(_MAX_ROWS_PER_STATEMENT, max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(rows[0])))
     start = 0
     while start < len(rows):
-        size = min(most, 1 << ((len(rows) - start).bit_length() - 1))
-        chunk = rows[start:start + size]
-        conn.execute(_multi_row(sql, size), [value for row in chunk for value in row])
+        left = len(rows) - start
+        size = most if left >= most else (left // _ROW_STEP * _ROW_STEP or left)
+        conn.execute(_multi_row(sql, size), list(chain.from_iterable(rows[start:start + size])))
         start += size
     return len(rows)
 
