@@ -493,6 +493,15 @@ async def test_group_commit_of_5000_events_and_1000_calls(tmp_path: Path) -> Non
             assert stats.groups_committed - before.groups_committed <= 3
 
 
+async def _outcome(outcomes: dict[Any, BaseException | None], key: Any, write: Awaitable[None]) -> None:
+    """Await ``write``; record None, or the exception it raised, under ``key``."""
+    try:
+        await write
+        outcomes[key] = None
+    except Exception as exc:
+        outcomes[key] = exc
+
+
 @pytest.mark.anyio
 async def test_a_failed_write_reaches_its_caller_and_spares_its_group(tmp_path: Path) -> None:
     with anyio.fail_after(10):
@@ -500,22 +509,14 @@ async def test_a_failed_write_reaches_its_caller_and_spares_its_group(tmp_path: 
         async with await SQLiteStore.open(path) as store:
             await store.save_run(run("first", idempotency_key="same"))
             outcomes: dict[str, BaseException | None] = {}
-
-            async def attempt(name: str, write: Awaitable[None]) -> None:
-                try:
-                    await write
-                    outcomes[name] = None
-                except Exception as exc:
-                    outcomes[name] = exc
-
             lock = _WriteLock(path)
             try:
                 await lock.acquire()
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(attempt, "good-before", store.save_call(call("r", 0)))
+                    tg.start_soon(_outcome, outcomes, "good-before", store.save_call(call("r", 0)))
                     store.append_events([event("r", 1)])
-                    tg.start_soon(attempt, "duplicate", store.save_run(run("second", idempotency_key="same")))
-                    tg.start_soon(attempt, "good-after", store.save_call(call("r", 1)))
+                    tg.start_soon(_outcome, outcomes, "duplicate", store.save_run(run("second", idempotency_key="same")))
+                    tg.start_soon(_outcome, outcomes, "good-after", store.save_call(call("r", 1)))
                     await anyio.wait_all_tasks_blocked()
                     await lock.release()
             finally:
@@ -545,22 +546,14 @@ async def test_one_bad_entry_in_a_multi_row_batch_fails_alone_and_later_rows_win
         path = tmp_path / "q.db"
         async with await SQLiteStore.open(path) as store:
             outcomes: dict[int, BaseException | None] = {}
-
-            async def save(key: int, record: CallRecord) -> None:
-                try:
-                    await store.save_call(record)
-                    outcomes[key] = None
-                except Exception as exc:
-                    outcomes[key] = exc
-
             lock = _WriteLock(path)
             try:
                 await lock.acquire()
                 async with anyio.create_task_group() as tg:
                     for i in range(300):
                         output: Any = object() if i == 137 else {"i": i}
-                        tg.start_soon(save, i, call("r", i, output=output))
-                    tg.start_soon(save, 300, call("r", 5, output={"i": "again"}))
+                        tg.start_soon(_outcome, outcomes, i, store.save_call(call("r", i, output=output)))
+                    tg.start_soon(_outcome, outcomes, 300, store.save_call(call("r", 5, output={"i": "again"})))
                     await anyio.wait_all_tasks_blocked()
                     await lock.release()
             finally:
