@@ -146,13 +146,6 @@ async def scheduling_trial(bench: Bench, *, agents: int, latency_ms: float, conc
     return {"wall_s": elapsed, "ideal_s": ideal, "ratio": elapsed / ideal}
 
 
-def _events(bench: Bench, run_id: str) -> list[EventRecord]:
-    live = bench.engine.live(run_id)
-    if live is None:
-        raise BenchmarkError(f"run {run_id} is no longer live; cannot read its events")
-    return live.events.history()
-
-
 def first_item_done(events: list[EventRecord], stages: int) -> tuple[float, float]:
     """(run.started ts, ts of the first agent.completed for a last stage) from a run's events."""
     started = next((e.ts for e in events if e.type == "run.started"), None)
@@ -173,7 +166,7 @@ async def streaming_trial(bench: Bench, *, items: int, stages: int, latency_ms: 
     request = script_run(PIPELINE_SCRIPT, {"items": items, "stages": stages},
                          options(concurrency, latency_ms=latency_ms, max_agents=items * stages))
     record, elapsed, submitted_at = await timed_run(bench, request)
-    started, first_done = first_item_done(_events(bench, record.id), stages)
+    started, first_done = first_item_done(await bench.store.read_events(record.id), stages)
     first_ideal = stages * latency_ms / 1000
     total_ideal = math.ceil(items * stages / concurrency) * latency_ms / 1000
     return {

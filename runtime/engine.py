@@ -387,14 +387,14 @@ class Engine:
     async def list_agents(self, run_id: str, *, owner: str | None = None) -> list[CallRecord]:
         await self.get_run(run_id, owner=owner)
         run = self._runs.get(run_id)
-        if run is not None:
+        if run is not None and not run.archived:
             return [run.calls[i].record(run_id) for i in sorted(run.calls)]
         return await self.store.list_calls(run_id)
 
     async def get_agent(self, run_id: str, index: int, *, owner: str | None = None) -> CallRecord:
         await self.get_run(run_id, owner=owner)
         run = self._runs.get(run_id)
-        call = run.calls.get(index) if run is not None else None
+        call = run.calls.get(index) if run is not None and not run.archived else None
         record = call.record(run_id) if call is not None else await self.store.get_call(run_id, index)
         if record is None:
             raise AgentNotFound(run_id, index)

@@ -63,6 +63,7 @@ class EventLog:
         # nothing extra while nobody follows.
         self._changed: anyio.Event | None = None
         self._closed = False
+        self._archived = False
         self._listener = listener
 
     @property
@@ -89,22 +90,35 @@ class EventLog:
         self._closed = True
         self._wake()
 
+    def archive(self) -> None:
+        """The log is closed and every event is durable: drop the in-memory copy. Followers read
+        from the store from now on, as they do for events from before a crash."""
+        assert self._closed, "archive() is for a closed log"
+        self._first_seq = self._seq + 1
+        self._events = []
+        self._archived = True
+
     def history(self, after_seq: int = 0) -> list[EventRecord]:
+        """The events held in memory after ``after_seq``: those emitted by this process, until
+        the log is archived."""
         start = max(0, after_seq + 1 - self._first_seq)
         return self._events[start:]
 
     async def follow(self, after_seq: int = 0) -> AsyncIterator[EventRecord]:
         """Every event with ``seq > after_seq``, then live ones until the log closes.
 
-        Events before this process started driving the run (after a crash) come from the store.
+        Events before this process started driving the run (after a crash), and every event
+        once the log is archived, come from the store.
         """
-        if after_seq + 1 < self._first_seq:
-            for event in await self._store.read_events(self.run_id, after_seq):
-                if event.seq >= self._first_seq:
-                    break
-                yield event
-                after_seq = event.seq
         while True:
+            if after_seq + 1 < self._first_seq:
+                for event in await self._store.read_events(self.run_id, after_seq):
+                    if event.seq >= self._first_seq:
+                        break
+                    yield event
+                    after_seq = event.seq
+                if self._archived:
+                    return
             batch = self.history(after_seq)
             for event in batch:
                 yield event

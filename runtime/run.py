@@ -153,6 +153,7 @@ class Run:
         self.failures: list[str] = []
         self.phases: dict[str, PhaseStats] = {title: PhaseStats(title) for title in phases}
         self.done = anyio.Event()
+        self.archived = False  # ended, and its agents and events are only in the store (see _archive)
 
     @property
     def id(self) -> str:
@@ -216,10 +217,28 @@ class Run:
         await self._set_status(status, finished_at=now, result=result if status is RunStatus.COMPLETED else None,
                                error=error)
         self.events.close()
+        self._archive()
         self.done.set()
+
+    def _archive(self) -> None:
+        """The run has ended and its final state is durable: drop what only a live run needs.
+
+        Its agents and events are read from the store from now on; its summary stays with the
+        record. An engine keeps recently finished runs at hand, and a thousand agents' calls
+        and events would otherwise stay alive with each one, for the garbage collector to walk
+        again and again.
+        """
+        self.archived = True
+        self.calls = {}
+        self._queue = []
+        self._occurrences = Occurrences()
+        self._recovery = self._plan = None
+        self.events.archive()
 
     def summary(self) -> dict[str, Any]:
         """Usage and progress: agents by state, tokens, cost, duration, phases, warnings, failures."""
+        if self.archived:
+            return dict(self.record.usage or {})  # computed as the run ended
         counts: dict[str, int] = {}
         for call in self.calls.values():
             value = call.status._value_

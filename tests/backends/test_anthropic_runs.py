@@ -36,10 +36,8 @@ class Harness:
         record = await self.engine.wait(record.id)
         return record, await self.engine.list_agents(record.id)
 
-    def events(self, run_id: str, kind: str) -> list[dict[str, Any]]:
-        run = self.engine.live(run_id)
-        assert run is not None
-        return [e.data for e in run.events.history() if e.type == kind]
+    async def events(self, run_id: str, kind: str) -> list[dict[str, Any]]:
+        return [e.data async for e in self.engine.follow(run_id) if e.type == kind]
 
 
 @pytest.fixture
@@ -81,7 +79,7 @@ async def test_invalid_then_valid_feeds_the_error_back(harness: Harness) -> None
     assert len(sent) == 2
     assert "'score' is a required property" in sent[1].text()
     assert "'score' is a required property" not in sent[0].text()
-    assert [e["attempt"] for e in harness.events(record.id, "agent.retrying")] == [2]
+    assert [e["attempt"] for e in await harness.events(record.id, "agent.retrying")] == [2]
 
 
 async def test_five_invalid_answers_throw_structured_output_error(harness: Harness) -> None:
@@ -104,7 +102,7 @@ async def test_rate_limit_with_retry_after_then_success(harness: Harness) -> Non
         record, _ = await harness.run("return await agent('Hello')")
     assert record.result == "after the wait"
     assert len(harness.server.message_requests()) == 2
-    retries = harness.events(record.id, "agent.retrying")
+    retries = await harness.events(record.id, "agent.retrying")
     assert len(retries) == 1 and retries[0]["delay_s"] >= 0.2
 
 
@@ -114,7 +112,7 @@ async def test_repeated_server_errors_resolve_to_null_and_are_recorded(harness: 
         record, calls = await harness.run("const r = await agent('Hello'); return r === null")
     assert record.status == "completed" and record.result is True
     assert calls[0].status == "failed" and calls[0].error
-    failed = harness.events(record.id, "agent.failed")
+    failed = await harness.events(record.id, "agent.failed")
     assert len(failed) == 1 and "500" in failed[0]["error"]
     assert len(harness.server.message_requests()) == 3  # the first try and max_retries=2 more
 
@@ -169,7 +167,7 @@ return 'never stopped'"""
     with anyio.fail_after(20):
         record, _ = await harness.run(script, budget_tokens=100)
     assert record.result == [2, "WorkflowBudgetExceededError", 120]
-    updates = harness.events(record.id, "budget.updated")
+    updates = await harness.events(record.id, "budget.updated")
     assert [u["spent"] for u in updates] == [60, 120]
 
 

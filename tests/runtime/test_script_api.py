@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from runtime import Engine, MemoryStore, RunRecord, RunRequest, load_settings
+from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, load_settings
 from runtime.errors import ScriptRejected
 
 pytestmark = pytest.mark.anyio
@@ -358,6 +358,11 @@ return await workflow('child', {n: 1})
 """
 
 
+async def events_of(engine: Engine, run_id: str) -> list[EventRecord]:
+    """Every event of the run, through the engine (from the store once the run has ended)."""
+    return [event async for event in engine.follow(run_id)]
+
+
 async def run_script(
     script: str, *, options: dict[str, Any] | None = None, args: Any = ABSENT, engine: Engine | None = None
 ) -> tuple[RunRecord, Engine]:
@@ -407,7 +412,7 @@ await agent('z')"""
         async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
             record = await engine.submit(RunRequest(script=script))
             await engine.wait(record.id)
-            calls = engine.live(record.id).calls
+            calls = await engine.list_agents(record.id)
     assert calls[0].label == "look at this " + "x" * 47
     assert (calls[0].phase, calls[1].label, calls[1].phase, calls[2].phase) == ("Scan", "custom", "Other", "Scan")
 
@@ -432,7 +437,7 @@ async def test_log_events_and_console_prefixes() -> None:
         async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
             record = await engine.submit(RunRequest(script=script))
             await engine.wait(record.id)
-            messages = [e.data["message"] for e in engine.live(record.id).events.history() if e.type == "log"]
+            messages = [e.data["message"] for e in await events_of(engine, record.id) if e.type == "log"]
     assert messages == ['{"a":1}', "plain", "[warn] careful", "[error] bad", "x 2"]
 
 
@@ -442,7 +447,7 @@ async def test_log_is_truncated_after_ten_thousand_lines() -> None:
         async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
             record = await engine.submit(RunRequest(script=script))
             record = await engine.wait(record.id)
-            logs = [e.data["message"] for e in engine.live(record.id).events.history() if e.type == "log"]
+            logs = [e.data["message"] for e in await events_of(engine, record.id) if e.type == "log"]
     assert record.result == "done"
     assert len(logs) == 10_001
     assert logs[9_999] == "line 9999"
@@ -457,12 +462,12 @@ async def test_structured_output_retries_feed_the_error_back() -> None:
                 RunRequest(script=script, options={"simulate": {"invalid": ["flaky"], "invalid_attempts": 2}})
             )
             await engine.wait(record.id)
-            events = engine.live(record.id).events.history()
-            call = engine.live(record.id).calls[0]
+            events = await events_of(engine, record.id)
+            (call,) = await engine.list_agents(record.id)
     retries = [e.data for e in events if e.type == "agent.retrying"]
     assert [r["attempt"] for r in retries] == [2, 3]
     assert all("'n' is a required property" in r["reason"] for r in retries)
-    assert call.attempt == 3 and call.output == {"n": 5}
+    assert call.attempts == 3 and call.output == {"n": 5}
 
 
 async def test_agent_failure_is_recorded() -> None:
@@ -472,7 +477,7 @@ async def test_agent_failure_is_recorded() -> None:
                 RunRequest(script="return await agent('boom')", options={"simulate": {"fail": ["boom"]}})
             )
             record = await engine.wait(record.id)
-            events = engine.live(record.id).events.history()
+            events = await events_of(engine, record.id)
     failed = [e.data for e in events if e.type == "agent.failed"]
     assert record.result is None
     assert len(failed) == 1 and "simulated failure" in failed[0]["error"]
@@ -513,7 +518,7 @@ async def test_pipeline_items_stream_through_a_full_queue() -> None:
                 RunRequest(script=script, options={"concurrency": 2, "simulate": {"latency_ms": 5}})
             )
             record = await engine.wait(record.id)
-            events = [(e.type, e.data.get("label")) for e in engine.live(record.id).events.history()]
+            events = [(e.type, e.data.get("label")) for e in await events_of(engine, record.id)]
     assert record.status == "completed" and len(record.result) == 8
     assert events.index(("agent.completed", "i0-s2")) < events.index(("agent.started", "i7-s0"))
 
@@ -528,7 +533,7 @@ async def test_near_instant_pipeline_calls_do_not_hold_their_slot() -> None:
         async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
             record = await engine.submit(RunRequest(script=script, options={"concurrency": 1}))
             record = await engine.wait(record.id)
-            started = [e.data.get("label") for e in engine.live(record.id).events.history() if e.type == "agent.started"]
+            started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
     assert record.status == "completed" and len(record.result) == 3
     assert started[:3] == ["i0-s0", "i1-s0", "i2-s0"]
 

@@ -548,9 +548,8 @@ async def test_escape_attempt_alone(escape: Escape, host_guards: HostGuards) -> 
             if run_id is None:
                 return
             record = await engine.wait(run_id)
-            live = engine.live(run_id)
-            assert live is not None
-            problems = outcome_problems(escape, record, live.events.history())
+            events = [event async for event in engine.follow(run_id)]
+            problems = outcome_problems(escape, record, events)
             assert not problems, "\n".join(problems)
 
 
@@ -603,9 +602,8 @@ async def test_all_escape_attempts_at_once_beside_a_good_run(host_guards: HostGu
             problems: list[str] = []
             for escape, run_id in submitted:
                 record = await engine.wait(run_id)
-                live = engine.live(run_id)
-                assert live is not None
-                problems.extend(outcome_problems(escape, record, live.events.history()))
+                events = [event async for event in engine.follow(run_id)]
+                problems.extend(outcome_problems(escape, record, events))
             assert not problems, f"{len(problems)} of {len(submitted)} rows misbehaved together:\n" + "\n".join(problems)
 
             assert good_record.status == "completed", good_record.error
