@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import orjson
 import quickjs
 
 import js_stdlib
@@ -158,7 +159,35 @@ def spare_isolates_wanted() -> int:
 
 
 def _settlement(results: Sequence[tuple[int, bool, Any]], state: Mapping[str, Any]) -> str:
-    return json.dumps({"results": results, "state": state}, separators=(",", ":"))
+    # orjson encodes several times faster than the json module, on the slice thread under the
+    # GIL. It refuses integers past 64 bits and lone surrogates: those take the slow road.
+    batch = {"results": results, "state": state}
+    try:
+        return orjson.dumps(batch).decode()
+    except TypeError:
+        return json.dumps(batch, separators=(",", ":"))
+
+
+def _parse_outbox(text: str) -> Any:
+    """JSON from the isolate. orjson reads it several times faster (integers past 64 bits become
+    floats: every JS number is one). It refuses lone surrogates, which a JS string may hold and
+    JSON.stringify escapes: on that road each one becomes U+FFFD, as TextEncoder would encode
+    it, so that no string leaving the sandbox fails later in UTF-8 (a key, a journal row, an
+    HTTP body)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return _well_formed(json.loads(text))
+
+
+def _well_formed(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_well_formed(item) for item in value]
+    if isinstance(value, dict):
+        return {_well_formed(key): _well_formed(item) for key, item in value.items()}
+    return value
 
 
 def user_position(stack: str) -> tuple[int, int] | None:
@@ -392,7 +421,7 @@ class Isolate:
         outbox = self._take()
         if self._boot_args is not None:  # recorded for replay
             self._digests.append(hash(outbox))
-        raw = json.loads(outbox)
+        raw = _parse_outbox(outbox)
         requests = tuple(map(Request._make, raw["out"]))
         done = raw["done"]
         if done is None:
@@ -410,7 +439,7 @@ class Isolate:
                 self.close()
                 return Slice(requests=requests, finished=True, failure=failure, cpu_s=cpu_s)
             self.close()
-            return Slice(requests=requests, finished=True, result=json.loads(text), cpu_s=cpu_s)
+            return Slice(requests=requests, finished=True, result=_parse_outbox(text), cpu_s=cpu_s)
         error = done["error"]
         if self._out_of_memory(error):
             failure = self._memory_failure(thrown_null=error.get("name") != "InternalError")

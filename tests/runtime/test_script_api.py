@@ -70,6 +70,21 @@ CASES = [
         warning="unknown option(s): colour",
     ),
     Case("agent-unknown-agent-type", "await agent('x', {agentType: 'wizard'})", error="unknown agentType 'wizard'"),
+    # The host's JSON exchange with the isolate: values orjson refuses take the json module.
+    # Lone surrogates (a JS string may hold them) leave the sandbox as U+FFFD, as TextEncoder
+    # encodes them: a key, a journal row and an HTTP body all need valid UTF-8.
+    Case(
+        "agent-prompt-with-lone-surrogate",
+        "log('a \\ud800'); return [typeof (await agent('half \\ud800', {label: 'x\\udfff'})), '\\udc00\\ud83d\\ude00']",
+        result=["string", "\ufffd\U0001F600"],
+    ),
+    Case(
+        "agent-result-integer-past-64-bits",
+        "const r = await agent('big-n', {schema: {type: 'object', properties: {n: {type: 'integer'}}}}); "
+        "return [typeof r.n, r.n > 2 ** 70]",
+        result=["number", True],
+        options={"simulate": {"responses": [{"match": "big-n", "data": {"n": 2**71}}]}},
+    ),
     Case("agent-failure-is-null", "return await agent('boom now')", result=None, options={"simulate": {"fail": ["boom"]}}),
     Case(
         "agent-structured-output-error",
