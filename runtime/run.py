@@ -19,6 +19,7 @@ import heapq
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -51,6 +52,11 @@ TOO_MANY_PHASES = "(more phases)"
 PREVIEW_CHARS = 200
 # A worker whose calls finish without awaiting yields to the event loop after this long.
 _WORKER_TURN_S = 0.002
+# Calls a worker may have executed but not yet journaled, the one executing included. Only
+# calls that finish faster than a commit ever get this far ahead, and re-running those after a
+# crash costs little; two per worker left the loop idle, waiting for commits, in bursts of
+# near-instant calls.
+CALLS_AHEAD_OF_JOURNAL = 8
 # A pipeline stage's call must take at least this long for its worker to hold the slot for the
 # item's next stage (see _worker).
 _HOLD_MIN_CALL_S = 0.005
@@ -513,17 +519,15 @@ class Run:
         """Serve queued calls, most urgent first, until the queue is empty.
 
         A worker holds one of the run's ``concurrency`` slots while a call executes; it takes
-        the next call while the previous one is being journaled, but not a third before that
-        commit: at most twice ``concurrency`` calls are ever executed but not yet durable (what a
-        crash can make run again). The script sees a result only once it is durable
-        (``_settle_call``).
+        its next calls while the previous ones are being journaled, up to
+        ``CALLS_AHEAD_OF_JOURNAL``: at most that many times ``concurrency`` calls are ever
+        executed but not yet durable (what a crash can make run again). The script sees a
+        result only once it is durable (``_settle_call``).
         """
         try:
             yielded = time.monotonic()
-            # The calls this worker ran last and before that: the older one must be durable
-            # before the next starts.
-            last: LiveCall | None = None
-            older: LiveCall | None = None
+            # This worker's latest calls: the oldest must be durable before the next starts.
+            latest: deque[LiveCall] = deque(maxlen=CALLS_AHEAD_OF_JOURNAL)
             while True:
                 if not self._queue:
                     # Park until the script asks for more (the run's end cancels this): a zero-
@@ -531,8 +535,8 @@ class Run:
                     await self._park()
                     yielded = time.monotonic()
                     continue
-                if older is not None and not older.delivered:
-                    await self._delivered(older)
+                if len(latest) == latest.maxlen and not latest[0].delivered:
+                    await self._delivered(latest[0])
                     yielded = time.monotonic()
                 while not self._unpaused.is_set():
                     await self._unpaused.wait()
@@ -552,7 +556,7 @@ class Run:
                         yielded = time.monotonic()  # it awaited: others ran meanwhile
                 finally:
                     self._executing -= 1
-                older, last = last, call
+                latest.append(call)
                 if (call.next_stage and call.handled is not None and self._queue and self._queue[0][0] > call.priority
                         and (call.finished_at or 0.0) - (call.started_at or 0.0) >= _HOLD_MIN_CALL_S):
                     # Only items further behind are waiting: let the script start this item's next
