@@ -169,15 +169,27 @@ def _settlement(results: Sequence[tuple[int, bool, Any]], state: Mapping[str, An
 
 
 def _parse_outbox(text: str) -> Any:
-    """JSON from the isolate. orjson reads it several times faster (integers past 64 bits become
-    floats: every JS number is one). It refuses lone surrogates, which a JS string may hold and
-    JSON.stringify escapes: on that road each one becomes U+FFFD, as TextEncoder would encode
-    it, so that no string leaving the sandbox fails later in UTF-8 (a key, a journal row, an
-    HTTP body)."""
+    """The requests of a slice. orjson reads them several times faster (integers past 64 bits
+    become floats: every JS number is one). It refuses lone surrogates, which a JS string may
+    hold and JSON.stringify escapes: on that road each one becomes U+FFFD, as TextEncoder would
+    encode it, so that no string leaving the sandbox fails later in UTF-8 (a key, a journal
+    row, an HTTP body)."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
         return _well_formed(json.loads(text))
+
+
+def _parse_result(text: str) -> Any:
+    """The script's return value: integers keep every digit JSON.stringify wrote (the json
+    module's reading, which a user sees), lone surrogates become U+FFFD as in an outbox."""
+    value = json.loads(text)
+    return _well_formed(value) if _SURROGATE_ESCAPE.search(text) else value
+
+
+# JSON.stringify writes a surrogate as an escape only when it is lone (a false positive, such
+# as an escaped backslash before "ud800", only costs a walk over the value).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _well_formed(value: Any) -> Any:
@@ -439,7 +451,7 @@ class Isolate:
                 self.close()
                 return Slice(requests=requests, finished=True, failure=failure, cpu_s=cpu_s)
             self.close()
-            return Slice(requests=requests, finished=True, result=_parse_outbox(text), cpu_s=cpu_s)
+            return Slice(requests=requests, finished=True, result=_parse_result(text), cpu_s=cpu_s)
         error = done["error"]
         if self._out_of_memory(error):
             failure = self._memory_failure(thrown_null=error.get("name") != "InternalError")
