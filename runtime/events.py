@@ -112,17 +112,24 @@ class EventLog:
         """
         while True:
             if after_seq + 1 < self._first_seq:
+                # Archived before this read began: the store has every event. Archived while
+                # it ran or while its events were handed out: read again for the rest.
+                complete = self._archived
                 for event in await self._store.read_events(self.run_id, after_seq):
                     if event.seq >= self._first_seq:
                         break
                     yield event
                     after_seq = event.seq
-                if self._archived:
+                if complete:
                     return
+                if self._archived:
+                    continue
             batch = self.history(after_seq)
             for event in batch:
                 yield event
                 after_seq = event.seq
+            if self._archived and after_seq + 1 < self._first_seq:
+                continue  # archived while this batch was handed out: the rest is in the store
             if self._closed and not self.history(after_seq):
                 return
             if not self.history(after_seq):

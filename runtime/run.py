@@ -15,6 +15,7 @@ to the script.
 from __future__ import annotations
 
 import asyncio
+import copy
 import heapq
 import logging
 import re
@@ -57,6 +58,9 @@ _WORKER_TURN_S = 0.002
 # crash costs little; two per worker left the loop idle, waiting for commits, in bursts of
 # near-instant calls.
 CALLS_AHEAD_OF_JOURNAL = 8
+# How a call that has finished executing shows until its journal entry commits (it counts as
+# running: a live view never shows a result that a crash could still lose).
+_JOURNALING = "finished, its result being journaled"
 # A pipeline stage's call must take at least this long for its worker to hold the slot for the
 # item's next stage (see _worker).
 _HOLD_MIN_CALL_S = 0.005
@@ -244,7 +248,7 @@ class Run:
     def summary(self) -> dict[str, Any]:
         """Usage and progress: agents by state, tokens, cost, duration, phases, warnings, failures."""
         if self.archived:
-            return dict(self.record.usage or {})  # computed as the run ended
+            return copy.deepcopy(self.record.usage)  # computed as the run ended
         counts: dict[str, int] = {}
         for call in self.calls.values():
             value = call.status._value_
@@ -320,6 +324,8 @@ class Run:
         call = self._call(index)
         if call.status.terminal:
             raise InvalidAgentState(self.id, index, call.status.value, "stop", "queued or running")
+        if call.finished_at is not None:
+            raise InvalidAgentState(self.id, index, _JOURNALING, "stop", "queued or running")
         call.stop_requested = True
         if call.status is AgentStatus.QUEUED and self._tg is not None:
             self._tg.start_soon(self._stopped, call)  # still in the queue: resolve it now
@@ -328,6 +334,8 @@ class Run:
 
     def restart_agent(self, index: int) -> None:
         call = self._call(index)
+        if call.status is AgentStatus.RUNNING and call.finished_at is not None:
+            raise InvalidAgentState(self.id, index, _JOURNALING, "restart", "running")
         if call.status is not AgentStatus.RUNNING or call.scope is None or call.restart_requested:
             raise InvalidAgentState(self.id, index, call.status.value, "restart", "running")
         call.restart_requested = True

@@ -45,6 +45,21 @@ def test_call_key_is_sha256_of_the_canonical_identity() -> None:
     assert call_key("hello") == hashlib.sha256(identity.encode()).hexdigest()
 
 
+@pytest.mark.anyio
+async def test_the_key_of_a_call_from_a_script_keeps_a_schema_s_long_integers_exact() -> None:
+    # JSON.stringify writes 2 ** 64 as the integer literal 18446744073709552000; the host must
+    # read it back as that integer, not as a float, or the key would differ from the one
+    # journaled before.
+    script = "return await agent('p', {schema: {type: 'object', properties: {n: {maximum: 2 ** 64}}}})"
+    schema = {"type": "object", "properties": {"n": {"maximum": 18446744073709552000}}}
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.wait((await engine.submit(RunRequest(script=script))).id)
+            (call,) = await engine.list_agents(record.id)
+    assert call.key == call_key("p", schema=schema)
+    assert '"maximum":18446744073709552000' in canonical_json({"schema": schema})
+
+
 def test_call_key_defaults_equal_explicit_nones() -> None:
     assert call_key("p") == call_key("p", schema=None, model=None, effort=None, agent_type=None, isolation=None)
 

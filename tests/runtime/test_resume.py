@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -463,3 +463,28 @@ async def test_recovered_calls_keep_their_journaled_status(tmp_path: Path) -> No
     assert [c.transcript for c in calls] == [[{"cached_from": "src", "index": i}] for i in range(3)]
     assert final.usage["agents"] == {"total": 3, "cached": 3}
     assert final.usage["tokens"]["output"] == 0
+
+
+async def test_a_follower_reading_pre_crash_events_when_a_recovered_run_ends_gets_every_event(
+    tmp_path: Path,
+) -> None:
+    # A recovered run's events from before the crash come from the store. If the run ends while
+    # a follower works through them, the follower carries on from the store up to run.completed.
+    store = MemoryStore()
+    script = "const a = await agent('one'); const b = await agent('two'); return [a, b].length"
+    with anyio.fail_after(20):
+        async with harness(tmp_path, store) as h:
+            run = await h.engine.submit(RunRequest(script=script, options={"simulate": {"latency_ms": 300}}))
+            async for event in h.engine.follow(run.id):
+                if event.type == "agent.completed":
+                    break
+        # Leaving the engine cancels the run without ending it, like a stopped process.
+        async with harness(tmp_path, store, recover=True) as h:
+            async with aclosing(h.engine.follow(run.id)) as events:
+                first = await anext(events)  # from the store: written before the "crash"
+                final = await h.engine.wait(run.id)  # the run ends, and is archived, meanwhile
+                rest = [event async for event in events]
+    assert final.status == "completed" and final.result == 2
+    seqs = [first.seq, *(event.seq for event in rest)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert rest[-1].type == "run.completed"

@@ -7,14 +7,19 @@ canned responses (``simulate.responses``) wherever a row depends on them.
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
 from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, load_settings
-from runtime.errors import ScriptRejected
+from runtime.errors import InvalidAgentState, ScriptRejected
+from runtime.store import SQLiteStore
+
+from .sqlite_lock import WriteLock
 
 pytestmark = pytest.mark.anyio
 
@@ -570,3 +575,49 @@ return (await Promise.all([...first, ...second])).length"""
     assert record.result == 4
     first_finished = min(calls[label].finished_at or 0.0 for label in "ab")
     assert all((calls[label].started_at or 1e18) < first_finished for label in "cd")
+
+
+async def test_a_follower_behind_when_the_run_ends_still_gets_every_event() -> None:
+    # An ended run hands its events over to the store; a follower that was still working through
+    # them must carry on from the store, up to run.completed.
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(RunRequest(script="await agent('a'); await agent('b'); return 1"))
+            async with aclosing(engine.follow(record.id)) as events:
+                first = await anext(events)  # from memory, while the run is live
+                await engine.wait(record.id)  # the run ends, and is archived, meanwhile
+                rest = [event async for event in events]
+    seqs = [first.seq, *(event.seq for event in rest)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert [e.type for e in rest].count("agent.completed") == 2
+    assert rest[-1].type == "run.completed"
+
+
+async def test_a_call_whose_result_is_being_journaled_cannot_be_stopped_or_restarted(tmp_path: Path) -> None:
+    # It has finished: a stop would be accepted and then ignored, and the script would get the
+    # result anyway. The refusal says why.
+    path = tmp_path / "q.db"
+    store = await SQLiteStore.open(path)
+    lock = WriteLock(path)
+    try:
+        with anyio.fail_after(20):
+            async with Engine(load_settings(), store, recover=False) as engine:
+                record = await engine.submit(RunRequest(script="return await agent('a')",
+                                                        options={"simulate": {"latency_ms": 200}}))
+                async for event in engine.follow(record.id):
+                    if event.type == "agent.started":
+                        break
+                await lock.acquire()  # the call's journal entry now waits at BEGIN
+                run = engine.live(record.id)
+                assert run is not None
+                while run.calls[0].finished_at is None:
+                    await anyio.sleep(0.01)
+                for control in (engine.stop_agent, engine.restart_agent):
+                    with pytest.raises(InvalidAgentState, match="finished, its result being journaled"):
+                        await control(record.id, 0)
+                await lock.release()
+                record = await engine.wait(record.id)
+    finally:
+        await lock.aclose()
+        await store.aclose()
+    assert record.status == "completed" and isinstance(record.result, str)

@@ -22,6 +22,8 @@ from runtime.errors import ConfigError, Conflict
 from runtime.store import CallRecord, EventRecord, MemoryStore, RunRecord, Store, WorkflowRecord
 from runtime.store._sqlite import SQLiteStore
 
+from .sqlite_lock import WriteLock
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KINDS = ["memory", "sqlite"]
 
@@ -420,29 +422,6 @@ async def test_awaited_writes_survive_sigkill(tmp_path: Path) -> None:
             assert [e.seq for e in events] == list(range(1, len(events) + 1))
 
 
-class _WriteLock:
-    """Holds SQLite's write lock from another connection, so the store's writer waits at BEGIN and
-    everything enqueued meanwhile lands in one group. Released well within the busy timeout."""
-
-    def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._held = False
-
-    async def acquire(self) -> None:
-        await anyio.to_thread.run_sync(self._conn.execute, "BEGIN IMMEDIATE")
-        self._held = True
-
-    async def release(self) -> None:
-        if self._held:
-            self._held = False
-            await anyio.to_thread.run_sync(self._conn.execute, "COMMIT")
-
-    async def aclose(self) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.release()
-            await anyio.to_thread.run_sync(self._conn.close)
-
-
 @pytest.mark.anyio
 async def test_group_commit_of_5000_events_and_1000_calls(tmp_path: Path) -> None:
     with anyio.fail_after(10):
@@ -465,7 +444,7 @@ async def test_group_commit_of_5000_events_and_1000_calls(tmp_path: Path) -> Non
                 # has set the event and suspended, every agent's writes are queued.
                 await store.save_call(call("big", i, output={"i": i}))
 
-            lock = _WriteLock(path)
+            lock = WriteLock(path)
             try:
                 await lock.acquire()
                 async with anyio.create_task_group() as tg:
@@ -509,7 +488,7 @@ async def test_a_failed_write_reaches_its_caller_and_spares_its_group(tmp_path: 
         async with await SQLiteStore.open(path) as store:
             await store.save_run(run("first", idempotency_key="same"))
             outcomes: dict[str, BaseException | None] = {}
-            lock = _WriteLock(path)
+            lock = WriteLock(path)
             try:
                 await lock.acquire()
                 async with anyio.create_task_group() as tg:
@@ -546,7 +525,7 @@ async def test_one_bad_entry_in_a_multi_row_batch_fails_alone_and_later_rows_win
         path = tmp_path / "q.db"
         async with await SQLiteStore.open(path) as store:
             outcomes: dict[int, BaseException | None] = {}
-            lock = _WriteLock(path)
+            lock = WriteLock(path)
             try:
                 await lock.acquire()
                 async with anyio.create_task_group() as tg:
