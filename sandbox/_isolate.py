@@ -172,19 +172,20 @@ def _parse_outbox(text: str) -> Any:
     """The requests of a slice, read by orjson: several times faster than the json module, on
     the slice thread under the GIL. What orjson reads differently takes the json module:
     integers of 19 digits or more (orjson makes floats of those past 64 bits, which would
-    change the journal key of a schema holding one) and lone surrogates (see _parse_result)."""
+    change the journal key of a schema holding one) and lone surrogates (see _parse_exact)."""
     if _LONG_DIGITS.search(text) is None:
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
             pass
-    return _parse_result(text)
+    return _parse_exact(text)
 
 
-def _parse_result(text: str) -> Any:
-    """JSON from the isolate, read by the json module. A JS string may hold lone surrogates,
-    which JSON.stringify escapes: each becomes U+FFFD, as TextEncoder would encode it, so that
-    no string leaving the sandbox fails later in UTF-8 (a key, a journal row, an HTTP body)."""
+def _parse_exact(text: str) -> Any:
+    """JSON from the isolate, read by the json module: integers keep every digit (the script's
+    result is read this way, as a user would). A JS string may hold lone surrogates, which
+    JSON.stringify escapes: each becomes U+FFFD, as TextEncoder would encode it, so that no
+    string leaving the sandbox fails later in UTF-8 (a key, a journal row, an HTTP body)."""
     value = json.loads(text)
     return _well_formed(value) if _SURROGATE_ESCAPE.search(text) else value
 
@@ -454,7 +455,7 @@ class Isolate:
                 self.close()
                 return Slice(requests=requests, finished=True, failure=failure, cpu_s=cpu_s)
             self.close()
-            return Slice(requests=requests, finished=True, result=_parse_result(text), cpu_s=cpu_s)
+            return Slice(requests=requests, finished=True, result=_parse_exact(text), cpu_s=cpu_s)
         error = done["error"]
         if self._out_of_memory(error):
             failure = self._memory_failure(thrown_null=error.get("name") != "InternalError")
