@@ -57,6 +57,8 @@ __all__ = ["Engine", "RunRequest"]
 logger = logging.getLogger("quickflow.engine")
 
 KEEP_FINISHED = 256
+# The events that end a call that crash recovery serves from the journal.
+_FINAL_AGENT_EVENTS = frozenset({EventType.AGENT_COMPLETED.value, EventType.AGENT_CACHED.value})
 
 
 @dataclass(frozen=True)
@@ -264,13 +266,14 @@ class Engine:
         *,
         plan: ResumePlan | None = None,
         recovered: list[Any] | None = None,
+        reported: frozenset[int] = frozenset(),
         last_seq: int = 0,
         first_index: int = 0,
     ) -> Run:
         events = EventLog(record.id, self.store, start_seq=last_seq)
         phases = [p.title for p in checked.meta.phases] if checked.meta else []
         run = Run(record, options, self._ctx, events, body=checked.body, phases=phases, plan=plan,
-                  recovered=recovered, first_index=first_index)
+                  recovered=recovered, reported=reported, first_index=first_index)
         self._runs[record.id] = run
         return run
 
@@ -319,10 +322,14 @@ class Engine:
             if record.resume_from:
                 plan = ResumePlan(await self.store.list_calls(record.resume_from), record.resume_mode or "reuse")
             completed = [c for c in calls if c.status in ("completed", "cached")]
+            # Calls whose final event made it to the store before the crash: a follower may have
+            # seen it, so replaying them must not announce them a second time.
+            reported = frozenset(e.data["index"] for e in events
+                                 if e.type in _FINAL_AGENT_EVENTS and isinstance(e.data.get("index"), int))
             record = replace(record, node=self.node)
             first_index = max((c.index for c in calls), default=-1) + 1
-            run = self._make_run(record, options, checked, plan=plan, recovered=completed, last_seq=last_seq,
-                                 first_index=first_index)
+            run = self._make_run(record, options, checked, plan=plan, recovered=completed, reported=reported,
+                                 last_seq=last_seq, first_index=first_index)
             self._start(run)
 
     @functools.cached_property

@@ -125,6 +125,7 @@ class Run:
         phases: list[str],
         plan: ResumePlan | None = None,
         recovered: list[CallRecord] | None = None,
+        reported: frozenset[int] = frozenset(),
         first_index: int = 0,
     ) -> None:
         self.record = record
@@ -139,6 +140,8 @@ class Run:
         # calls that run live take indices after every journaled one.
         self._recovering = recovered is not None
         self._recovery = ResumePlan(recovered, "reuse") if recovered else None
+        # Recovered calls whose final event is already in the store: followers have seen it.
+        self._reported = reported
         self._next_index = first_index
         self.calls: dict[int, LiveCall] = {}
         self._occurrences = Occurrences()
@@ -509,8 +512,9 @@ class Run:
         call.transcript = list(source.transcript)
         self._count(call, None, AgentStatus(source.status))
         self._account(call)
-        self.events.emit(EventType.AGENT_CACHED, call.event_data(tokens=0, result_preview=_preview(call.output),
-                                                                 recovered=True))
+        if call.index not in self._reported:
+            self.events.emit(EventType.AGENT_CACHED, call.event_data(tokens=0, result_preview=_preview(call.output),
+                                                                     recovered=True))
         return call.output
 
     async def _serve_cached(self, call: LiveCall, source: CallRecord) -> Any:

@@ -404,8 +404,12 @@ async def test_engine_restart_continues_running_runs_from_their_journal(tmp_path
     assert set(counts) == {f"unit {i}" for i in range(24)}
     seqs = [e.seq for e in events]
     assert seqs == list(range(1, len(seqs) + 1))
+    # Every call ends in exactly one event over the whole stream: agent.completed before the
+    # crash, or agent.cached (recovered) after it when that event was lost with the process.
+    finished = Counter(e.data["index"] for e in events if e.type in ("agent.completed", "agent.cached"))
+    assert set(finished) == set(range(24)) and set(finished.values()) == {1}
     recovered = [e for e in events if e.type == "agent.cached"]
-    assert {calls[e.data["index"]].prompt for e in recovered} == before
+    assert {calls[e.data["index"]].prompt for e in recovered} <= before
     assert all(e.data["recovered"] for e in recovered)
     # Recovered calls keep their index and count as completed, with the tokens they spent.
     assert all(c.status == "completed" for c in calls)
@@ -488,3 +492,30 @@ async def test_a_follower_reading_pre_crash_events_when_a_recovered_run_ends_get
     seqs = [first.seq, *(event.seq for event in rest)]
     assert seqs == list(range(1, len(seqs) + 1))
     assert rest[-1].type == "run.completed"
+
+
+async def test_recovery_announces_only_calls_whose_final_event_was_lost(tmp_path: Path) -> None:
+    # Before the crash, A's journal entry and its agent.completed event were committed; B's
+    # entry was, but not its event. A follower already saw A finish: after recovery it must see
+    # B's final event, once, and nothing more about A.
+    script = "return [await agent('A'), await agent('B')]"
+    store = MemoryStore()
+    await store.save_run(RunRecord(id="crashed", owner="local", status="running", script=script, created_at=1.0))
+    for i, p in enumerate("AB"):
+        await store.save_call(CallRecord(run_id="crashed", index=i, key=call_key(p), occurrence=0, status="completed",
+                                         prompt=p, output=p.lower(), usage={"output_tokens": 7}))
+    store.append_events([
+        EventRecord(seq=1, ts=1.0, run_id="crashed", type="run.queued", data={}),
+        EventRecord(seq=2, ts=1.0, run_id="crashed", type="run.started", data={"recovered": False}),
+        EventRecord(seq=3, ts=1.0, run_id="crashed", type="agent.completed", data={"index": 0, "label": "A"}),
+    ])
+    with anyio.fail_after(20):
+        async with harness(tmp_path, store, recover=True) as h:
+            final = await h.engine.wait("crashed")
+            events = await h.events("crashed")
+    assert final.status == "completed" and final.result == ["a", "b"]
+    assert h.executed("crashed") == []
+    finished = [(e.type, e.data["index"]) for e in events if e.type in ("agent.completed", "agent.cached")]
+    assert finished == [("agent.completed", 0), ("agent.cached", 1)]
+    assert final.usage["agents"] == {"total": 2, "completed": 2}
+    assert final.usage["tokens"]["output"] == 14
