@@ -20,7 +20,7 @@ import anyio
 from .backends import AgentBackend, AgentRequest, AgentResult, Correction, Usage
 from .errors import BackendError
 from .scheduling import PriorityLimiter
-from .schema import validation_error
+from .schema import has_patterns, validation_error
 
 __all__ = ["AgentOutcome", "Dispatcher", "DispatcherStatistics", "MAX_SCHEMA_ATTEMPTS"]
 
@@ -177,7 +177,7 @@ class Dispatcher:
             transcript.extend(result.transcript)
             if request.schema is None:
                 return self._finish(result.text, usage, cost, model, attempt, transcript)
-            data, problem = _structured(result, request.schema)
+            data, problem = await _structured(result, request.schema)
             if problem is None:
                 return self._finish(data, usage, cost, model, attempt, transcript)
             last_error = problem
@@ -246,15 +246,18 @@ class _Continue:
                     return cast(AgentOutcome, done.value)
 
 
-def _structured(result: AgentResult, schema: Mapping[str, Any]) -> tuple[Any, str | None]:
+async def _structured(result: AgentResult, schema: Mapping[str, Any]) -> tuple[Any, str | None]:
     data = result.data
     if data is None:
         try:
             data = json.loads(_strip_fences(result.text))
         except ValueError as exc:
             return None, f"the answer is not valid JSON ({exc}); reply with only the JSON object"
-    problem = validation_error(data, schema)
-    return data, problem
+    if has_patterns(schema):
+        # A script's patterns may backtrack: each match is bounded, but an answer can hold many
+        # strings, so the event loop does not wait for them.
+        return data, await anyio.to_thread.run_sync(validation_error, data, schema)
+    return data, validation_error(data, schema)
 
 
 def _strip_fences(text: str) -> str:

@@ -2,13 +2,18 @@
 
 Schemas come from scripts, so they are hostile input: a ``pattern`` could backtrack for
 minutes inside Python's ``re`` on the event loop. Patterns are matched with the ``regex``
-module under a time limit instead, and a pattern that runs out of time fails validation.
+module instead, each match under a time limit and all the matching of one validation under a
+budget; a pattern that runs out of time fails validation. Answers to a schema with patterns
+are validated on a worker thread (``has_patterns``), and matching releases the GIL.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import time
 from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import jsonschema
@@ -16,14 +21,32 @@ import regex
 from jsonschema.exceptions import SchemaError, ValidationError
 from jsonschema.validators import extend, validator_for
 
-__all__ = ["PATTERN_TIMEOUT_S", "safe_search", "schema_problem", "validation_error"]
+__all__ = ["PATTERNS_BUDGET_S", "PATTERN_TIMEOUT_S", "has_patterns", "safe_search", "schema_problem",
+           "validation_error"]
 
 PATTERN_TIMEOUT_S = 0.05
+#: All the pattern matching of one validation (an answer may hold thousands of strings).
+PATTERNS_BUDGET_S = 0.5
+
+_deadline: ContextVar[float] = ContextVar("pattern_deadline", default=math.inf)
 
 
 def safe_search(pattern: str, text: str) -> bool:
-    """``re.search`` semantics, bounded in time; TimeoutError when the pattern backtracks too long."""
-    return regex.search(pattern, text, timeout=PATTERN_TIMEOUT_S) is not None
+    """``re.search`` semantics, bounded in time; TimeoutError when the pattern backtracks too long
+    (or the validation running it has spent its budget)."""
+    left = _deadline.get() - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return regex.search(pattern, text, timeout=min(PATTERN_TIMEOUT_S, left), concurrent=True) is not None
+
+
+def has_patterns(schema: Any) -> bool:
+    """Whether validating against ``schema`` may match a regular expression."""
+    if isinstance(schema, Mapping):
+        return "pattern" in schema or "patternProperties" in schema or any(map(has_patterns, schema.values()))
+    if isinstance(schema, list):
+        return any(map(has_patterns, schema))
+    return False
 
 
 def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
@@ -100,7 +123,11 @@ def _unsatisfiable(schema: Mapping[str, Any], path: str) -> str | None:
 
 def validation_error(instance: Any, schema: Mapping[str, Any]) -> str | None:
     """The most relevant validation error as one readable line, or None when valid."""
-    error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(instance))
+    budget = _deadline.set(time.monotonic() + PATTERNS_BUDGET_S)
+    try:
+        error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(instance))
+    finally:
+        _deadline.reset(budget)
     if error is None:
         return None
     where = "/".join(str(p) for p in error.absolute_path)

@@ -7,15 +7,18 @@ canned responses (``simulate.responses``) wherever a row depends on them.
 
 from __future__ import annotations
 
+import threading
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import pytest
+import regex
 
-from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, load_settings
+from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, load_settings, schema
 from runtime.errors import InvalidAgentState, ScriptRejected
 from runtime.store import SQLiteStore
 
@@ -621,3 +624,32 @@ async def test_a_call_whose_result_is_being_journaled_cannot_be_stopped_or_resta
         await lock.aclose()
         await store.aclose()
     assert record.status == "completed" and isinstance(record.result, str)
+
+
+HOSTILE_PATTERN_SCHEMA = (
+    "{type: 'object', properties: {a: {type: 'array', items: {type: 'string', pattern: '^(a|aa)+$'}}}}"
+)
+
+
+async def test_a_schema_s_patterns_are_matched_off_the_loop_and_within_a_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A script chooses the pattern and can get an answer with many strings that backtrack: each
+    # match is bounded, all of one validation share a budget, and none runs on the event loop.
+    matched_on: list[int] = []  # the thread of every match of the schema's pattern actually run
+
+    def search(pattern: str, *args: Any, **kwargs: Any) -> Any:
+        if pattern == "^(a|aa)+$":
+            matched_on.append(threading.get_ident())
+        return regex.search(pattern, *args, **kwargs)
+
+    monkeypatch.setattr(schema, "regex", SimpleNamespace(search=search))
+    answer = {"a": ["a" * 60 + "!"] * 100}  # each string backtracks past the per-match limit
+    script = (f"try {{ await agent('hostile', {{schema: {HOSTILE_PATTERN_SCHEMA}}}) }} "
+              "catch (e) { return [e.name, e.validationError] }")
+    options = {"simulate": {"responses": [{"match": "hostile", "data": answer}]}}
+    with anyio.fail_after(30):
+        record, _ = await run_script(script, options=options)
+    name, problem = record.result
+    assert name == "StructuredOutputError" and "took too long" in problem
+    # Five attempts, each stopped by the budget after about a tenth of the 100 strings.
+    assert 0 < len(matched_on) <= 5 * (int(schema.PATTERNS_BUDGET_S / schema.PATTERN_TIMEOUT_S) + 2)
+    assert threading.get_ident() not in matched_on
