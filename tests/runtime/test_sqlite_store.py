@@ -640,3 +640,32 @@ async def test_reads_run_concurrently_with_writes(tmp_path: Path) -> None:
                 for _ in range(5):
                     tg.start_soon(reader)
             assert seen[-1] == 200
+
+
+@pytest.mark.anyio
+async def test_multi_row_statements_fit_a_low_parameter_limit(tmp_path: Path) -> None:
+    # SQLite builds before 3.32 allow 999 parameters per statement. The writer sizes its
+    # multi-row statements by its connection's limit, lowered here to 100: five journal rows of
+    # 19 columns, or twenty events of 5, per statement. A statement over the limit would fail
+    # and the group would be replayed a row per transaction: correct, but hundreds of commits.
+    with anyio.fail_after(10):
+        path = tmp_path / "q.db"
+        async with await SQLiteStore.open(path) as store:
+            store._writer_conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100)
+            before = store.statistics().groups_committed
+            lock = WriteLock(path)
+            try:
+                await lock.acquire()  # everything below lands in one group
+                async with anyio.create_task_group() as tg:
+                    store.append_events([event("r", seq) for seq in range(1, 501)])
+                    for i in range(300):
+                        tg.start_soon(store.save_call, call("r", i, output={"i": i}))
+                    await anyio.wait_all_tasks_blocked()
+                    await lock.release()
+            finally:
+                await lock.aclose()
+            assert [c.output for c in await store.list_calls("r")] == [{"i": i} for i in range(300)]
+            assert [e.seq for e in await store.read_events("r")] == list(range(1, 501))
+            assert store.statistics().write_errors == 0
+            # The group the writer took before blocking at BEGIN, then everything else.
+            assert store.statistics().groups_committed - before <= 2
