@@ -16,8 +16,10 @@ import functools
 import gc
 import logging
 import os
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,6 +59,9 @@ __all__ = ["Engine", "RunRequest"]
 logger = logging.getLogger("quickflow.engine")
 
 KEEP_FINISHED = 256
+#: Check results kept for scripts seen recently, and the longest script kept (16 MiB at most).
+CHECKED_SCRIPTS = 256
+CHECKED_SCRIPT_CHARS = 64 * 1024
 # The events that end a call that crash recovery serves from the journal.
 _FINAL_AGENT_EVENTS = frozenset({EventType.AGENT_COMPLETED.value, EventType.AGENT_CACHED.value})
 
@@ -106,6 +111,7 @@ class Engine:
         self._finished: list[str] = []
         self._tg: TaskGroup | None = None
         self._preparing = False  # a task is preparing spare isolates
+        self._checks: _RecentChecks = _RecentChecks(CHECKED_SCRIPTS)
         self._ctx = RunContext(
             store=store,
             dispatcher=self.dispatcher,
@@ -178,7 +184,13 @@ class Engine:
     # --- checks and submission ----------------------------------------------------------------
 
     def check(self, script: str, *, require_meta: bool = False) -> CheckResult:
-        return check_script(script, require_meta=require_meta, max_bytes=self.limits.script_bytes)
+        key = (script, require_meta)
+        result = self._checks.get(key)
+        if result is None:
+            result = check_script(script, require_meta=require_meta, max_bytes=self.limits.script_bytes)
+            if len(script) <= CHECKED_SCRIPT_CHARS:
+                self._checks.put(key, result)
+        return result
 
     def _checked(self, script: str, *, require_meta: bool = False) -> CheckResult:
         result = self.check(script, require_meta=require_meta)
@@ -187,7 +199,11 @@ class Engine:
         return result
 
     async def check_async(self, script: str, *, require_meta: bool = False) -> CheckResult:
-        """The checks on a worker thread: parsing and compiling a large script takes a while."""
+        """The checks on a worker thread: parsing and compiling a large script takes a while. A
+        script checked recently (services resubmit the same workflow) is answered at once."""
+        cached = self._checks.get((script, require_meta))
+        if cached is not None:
+            return cached
         return await anyio.to_thread.run_sync(lambda: self.check(script, require_meta=require_meta))
 
     async def submit(self, request: RunRequest, *, owner: str = "local") -> RunRecord:
@@ -485,3 +501,26 @@ def _check_args_size(args: Any, limit: int) -> None:
     size = len(json.dumps(args).encode())
     if size > limit:
         raise InvalidRequest(f"args is {size} bytes of JSON; the limit is {limit} bytes")
+
+
+class _RecentChecks:
+    """A small LRU of check results, shared by the event loop and the threads that run checks."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._results: OrderedDict[tuple[str, bool], CheckResult] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, bool]) -> CheckResult | None:
+        with self._lock:
+            result = self._results.get(key)
+            if result is not None:
+                self._results.move_to_end(key)
+            return result
+
+    def put(self, key: tuple[str, bool], result: CheckResult) -> None:
+        with self._lock:
+            self._results[key] = result
+            self._results.move_to_end(key)
+            while len(self._results) > self._size:
+                self._results.popitem(last=False)

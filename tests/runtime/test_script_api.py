@@ -19,6 +19,7 @@ import pytest
 import regex
 
 from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, load_settings, schema
+from runtime.engine import CHECKED_SCRIPT_CHARS, CHECKED_SCRIPTS
 from runtime.errors import InvalidAgentState, ScriptRejected
 from runtime.store import SQLiteStore
 
@@ -526,6 +527,26 @@ async def test_rejected_script_never_becomes_a_run() -> None:
     diagnostic = info.value.diagnostics[0]
     assert (diagnostic.line, diagnostic.column) == (1, 8)
     assert "TypeScript syntax is not supported" in diagnostic.message
+
+
+async def test_the_checks_of_a_script_seen_recently_are_reused() -> None:
+    # Services resubmit the same workflow with new args: its checks (parse, compile) are kept.
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            first = await engine.check_async("return 1")
+            assert await engine.check_async("return 1") is first
+            assert await engine.check_async("return 2") is not first
+            assert engine.check("return 1", require_meta=True) is not first  # another question
+            rejected = await engine.check_async("const x: number = 1")
+            assert not rejected.ok and await engine.check_async("const x: number = 1") is rejected
+            with pytest.raises(ScriptRejected):  # a cached rejection still rejects
+                await engine.submit(RunRequest(script="const x: number = 1"))
+            big = "return 1 // " + "x" * CHECKED_SCRIPT_CHARS  # too long to keep
+            assert (await engine.check_async(big)).ok
+            assert await engine.check_async(big) is not await engine.check_async(big)
+            for n in range(CHECKED_SCRIPTS):  # the least recently used goes first
+                await engine.check_async(f"return {n + 10}")
+            assert await engine.check_async("return 1") is not first
 
 
 async def test_pipeline_items_stream_through_a_full_queue() -> None:
