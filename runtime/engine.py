@@ -111,7 +111,7 @@ class Engine:
         self._finished: list[str] = []
         self._tg: TaskGroup | None = None
         self._preparing = False  # a task is preparing spare isolates
-        self._checks: _RecentChecks = _RecentChecks(CHECKED_SCRIPTS)
+        self._checks = _RecentChecks(CHECKED_SCRIPTS, CHECKED_SCRIPT_CHARS)
         self._ctx = RunContext(
             store=store,
             dispatcher=self.dispatcher,
@@ -188,8 +188,7 @@ class Engine:
         result = self._checks.get(key)
         if result is None:
             result = check_script(script, require_meta=require_meta, max_bytes=self.limits.script_bytes)
-            if len(script) <= CHECKED_SCRIPT_CHARS:
-                self._checks.put(key, result)
+            self._checks.put(key, result)
         return result
 
     def _checked(self, script: str, *, require_meta: bool = False) -> CheckResult:
@@ -504,14 +503,18 @@ def _check_args_size(args: Any, limit: int) -> None:
 
 
 class _RecentChecks:
-    """A small LRU of check results, shared by the event loop and the threads that run checks."""
+    """A small LRU of check results, shared by the event loop and the threads that run checks.
+    Longer scripts are neither kept nor looked up (hashing one would cost the loop more)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_chars: int) -> None:
         self._size = size
+        self._max_chars = max_chars
         self._results: OrderedDict[tuple[str, bool], CheckResult] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: tuple[str, bool]) -> CheckResult | None:
+        if len(key[0]) > self._max_chars:
+            return None
         with self._lock:
             result = self._results.get(key)
             if result is not None:
@@ -519,6 +522,8 @@ class _RecentChecks:
             return result
 
     def put(self, key: tuple[str, bool], result: CheckResult) -> None:
+        if len(key[0]) > self._max_chars:
+            return
         with self._lock:
             self._results[key] = result
             self._results.move_to_end(key)
