@@ -47,7 +47,9 @@ class LiveCall:
     scope: anyio.CancelScope | None = None
     # Queue order on the run's queue: later pipeline stages first, then lower item indices.
     priority: tuple[int, ...] = ()
-    next_stage: bool = False  # started by a pipeline stage that has a stage after it
+    # Started by a pipeline stage with a stage after it, for one of the pipeline's first items:
+    # its worker may keep the slot for the item's next stage (see Run._worker).
+    holds_slot: bool = False
     schema: Any = None
     cached_source: CallRecord | None = None  # served from the resume source, not executed
     deliver: Callable[[bool, Any], None] | None = None

@@ -66,6 +66,17 @@ _JOURNALING = "finished, its result being journaled"
 _HOLD_MIN_CALL_S = 0.005
 
 
+def _holds_slot(hint: tuple[int, int, int] | None, concurrency: int) -> bool:
+    """Whether the worker of a call a pipeline stage started keeps its slot for the item's next
+    stage: only for the first ``concurrency`` items, and only if there is a next stage.
+
+    Holding costs the slot a commit and a slice per stage. For the first items it buys what
+    streaming is for, a first result after about one pass through the stages; for later items
+    it would only idle slots, while those items keep their priority in the queue anyway.
+    """
+    return hint is not None and hint[0] + 1 < hint[2] and hint[1] < concurrency
+
+
 def default_label(prompt: str) -> str:
     """The first 60 characters of the prompt, whitespace collapsed."""
     return re.sub(r"\s+", " ", prompt).strip()[:60]
@@ -438,7 +449,7 @@ class Run:
         self.calls[index] = call
         call.deliver, call.handled, call.schema = deliver, handled, schema
         hint = _pipeline_hint(payload.get("priority"))
-        call.next_stage = hint is not None and hint[0] + 1 < hint[2]
+        call.holds_slot = _holds_slot(hint, self.options.concurrency)
         call.priority = _priority(hint, index)
         if recovered is not None:
             deliver(True, self._serve_recovered(call, recovered))
@@ -569,7 +580,7 @@ class Run:
                 finally:
                     self._executing -= 1
                 latest.append(call)
-                if (call.next_stage and call.handled is not None and self._queue and self._queue[0][0] > call.priority
+                if (call.holds_slot and call.handled is not None and self._queue and self._queue[0][0] > call.priority
                         and (call.finished_at or 0.0) - (call.started_at or 0.0) >= _HOLD_MIN_CALL_S):
                     # Only items further behind are waiting: let the script start this item's next
                     # stage (once it sees this result) before the slot goes to one of them. Only
@@ -735,7 +746,7 @@ class Run:
                 self.events.emit(*event)
                 assert call.deliver is not None
                 call.deliver(ok, value)
-                if call.next_stage and call.handled is not None:
+                if call.holds_slot and call.handled is not None:
                     call.handled_event = call.handled()
             call.delivered = True
             if call.on_delivered is not None and not call.on_delivered.done():
