@@ -147,34 +147,32 @@ class SimulateBackend:
             if any(_matches(p, request.label) or _matches(p, request.prompt) for p in settings.get("fail", ())):
                 raise TerminalBackendError(f"simulated failure (options.simulate.fail matched {request.label!r})")
         text, data = self._answer(request, settings)
-        out_tokens = int(settings.get("output_tokens") or _tokens(text))
+        out_tokens = int(settings.get("output_tokens") or _tokens(text)) if settings else _tokens(text)
         # Input as a real backend would send it: the subagent system prompt, the prompt, the schema.
         schema_chars = len(json.dumps(request.schema)) if request.schema is not None else 0
-        usage = Usage(input_tokens=max(1, (_SYSTEM_PROMPT_CHARS + len(request.prompt) + schema_chars) // 4),
-                      output_tokens=out_tokens)
+        usage = Usage(max(1, (_SYSTEM_PROMPT_CHARS + len(request.prompt) + schema_chars) // 4), out_tokens)
         return AgentResult(
-            text=text,
+            text,
+            usage,
+            request.model or "simulate",
             data=data,
-            usage=usage,
-            model=request.model or "simulate",
-            transcript=(
-                {"role": "user", "content": request.prompt},
-                {"role": "assistant", "content": text},
-            ),
+            transcript=({"role": "user", "content": request.prompt}, {"role": "assistant", "content": text}),
         )
 
     def _answer(self, request: AgentRequest, settings: Mapping[str, Any]) -> tuple[str, Any]:
-        subject = f"{request.label}\n{request.prompt}"
-        for canned in settings.get("responses", ()):
+        responses, invalid = settings.get("responses"), settings.get("invalid")
+        # Matched against label and prompt together; built only when there is a rule to match.
+        subject = f"{request.label}\n{request.prompt}" if responses or invalid else ""
+        for canned in responses or ():
             if _matches(str(canned.get("match", "")), subject):
                 if "data" in canned:
                     return json.dumps(canned["data"]), canned["data"]
                 return str(canned.get("text", "")), None
         if request.schema is not None:
-            invalid = any(_matches(p, subject) for p in settings.get("invalid", []))
             attempts = settings.get("invalid_attempts")
             # Structured-output attempts of this call: the corrections fed back so far, plus this one.
-            if invalid and (attempts is None or len(request.corrections) + 1 <= int(attempts)):
+            if (invalid and any(_matches(p, subject) for p in invalid)
+                    and (attempts is None or len(request.corrections) + 1 <= int(attempts))):
                 return json.dumps({"__invalid__": True}), {"__invalid__": True}
             data = sample_from_schema(request.schema, request.prompt)
             return json.dumps(data), data
