@@ -105,6 +105,33 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    # Events go in as batches: one row per run per group commit holding that run's events as a
+    # JSON array, instead of one row each. A thousand agents' three events each were most of the
+    # writer's rows; a batch costs one row and one JSON encoding. The trigger keeps each run's
+    # seqs increasing across batches (the writer checks within one). The events table keeps the
+    # events written before this migration, and is read along with the batches.
+    Migration(
+        "0002_event_batches",
+        (
+            """
+            CREATE TABLE event_batches (
+                run_id    TEXT NOT NULL,
+                first_seq INTEGER NOT NULL,
+                last_seq  INTEGER NOT NULL,
+                events    TEXT NOT NULL,                -- JSON: [[seq, ts, type, data], ...]
+                PRIMARY KEY (run_id, first_seq)
+            )
+            """,
+            """
+            CREATE TRIGGER event_batches_after_the_last BEFORE INSERT ON event_batches
+            WHEN NEW.first_seq > NEW.last_seq OR NEW.first_seq <= (
+                SELECT last_seq FROM event_batches WHERE run_id = NEW.run_id ORDER BY first_seq DESC LIMIT 1)
+            BEGIN
+                SELECT RAISE(ABORT, 'event batch does not follow the run''s stored events');
+            END
+            """,
+        ),
+    ),
 )
 
 
