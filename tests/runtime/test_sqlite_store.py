@@ -629,8 +629,27 @@ async def test_a_cancelled_waiter_still_gets_its_write(tmp_path: Path) -> None:
             assert [c.index for c in await store.list_calls("r")] == [7, 8]
 
 
+@pytest.mark.anyio
+async def test_the_wal_is_checkpointed_while_the_store_is_open(tmp_path: Path) -> None:
+    # The writer never checkpoints (a checkpoint's fsync would hold up every write queued behind
+    # its COMMIT); the checkpointer thread copies committed pages into the database file.
+    with anyio.fail_after(10):
+        path = tmp_path / "q.db"
+        async with await SQLiteStore.open(path) as store:
+            size = path.stat().st_size
+            for index in range(50):
+                await store.save_call(call("r", index, output={"text": "x" * 20_000}))
+            while store.statistics().checkpoints == 0:
+                await anyio.sleep(0.01)
+            while path.stat().st_size < size + 50 * 20_000:  # a checkpoint may end before the last commit
+                await anyio.sleep(0.01)
+            assert len(await store.list_calls("r")) == 50
+
+
 def _writer_threads() -> int:
-    return sum(1 for t in threading.enumerate() if t.name == "quickflow-store-writer")
+    """The store's threads running: its writer and its checkpointer."""
+    names = ("quickflow-store-writer", "quickflow-store-checkpointer")
+    return sum(1 for t in threading.enumerate() if t.name in names)
 
 
 @pytest.mark.anyio
@@ -638,7 +657,7 @@ async def test_aclose_is_idempotent_and_stops_everything(tmp_path: Path) -> None
     with anyio.fail_after(10):
         baseline = _writer_threads()
         store = await SQLiteStore.open(tmp_path / "q.db")
-        assert _writer_threads() == baseline + 1
+        assert _writer_threads() == baseline + 2
         await store.get_run("x")  # opens a read connection
         store.append_events([event("r", 1)])
         async with anyio.create_task_group() as tg:  # concurrent closes both return once closed
