@@ -29,6 +29,8 @@ MAX_SCHEMA_ATTEMPTS = 5
 logger = logging.getLogger("quickflow.dispatcher")
 
 
+_NO_USAGE = Usage()  # frozen: one for every call that has used nothing yet
+
 @dataclass(slots=True)  # not frozen (cheaper to make, once per call); treat as immutable
 class AgentOutcome:
     """``status``: completed | failed | timeout | structured_output_error."""
@@ -154,7 +156,7 @@ class Dispatcher:
         request: AgentRequest,
         on_retry: Callable[[int, str], None] | None,
     ) -> AgentOutcome:
-        usage = Usage()
+        usage = _NO_USAGE
         cost = 0.0
         transcript: list[Mapping[str, Any]] = []
         attempt_request = request

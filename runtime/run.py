@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import heapq
+import json
 import logging
 import re
 import time
@@ -77,14 +78,26 @@ def _holds_slot(hint: tuple[int, int, int] | None, concurrency: int) -> bool:
     return hint is not None and hint[0] + 1 < hint[2] and hint[1] < concurrency
 
 
+_WORD = re.compile(r"\S+")
+LABEL_CHARS = 60
+
+
 def default_label(prompt: str) -> str:
-    """The first 60 characters of the prompt, whitespace collapsed."""
-    return re.sub(r"\s+", " ", prompt).strip()[:60]
+    """The first 60 characters of the prompt, whitespace collapsed.
+
+    Reads only as many words as that takes: prompts can be long, and unlabeled calls are many.
+    """
+    words: list[str] = []
+    length = -1
+    for word in _WORD.finditer(prompt):
+        words.append(word.group())
+        length += len(words[-1]) + 1
+        if length >= LABEL_CHARS:
+            break
+    return " ".join(words)[:LABEL_CHARS]
 
 
 def _preview(value: Any) -> str:
-    import json
-
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
 

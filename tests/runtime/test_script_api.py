@@ -20,6 +20,7 @@ import regex
 
 from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, load_settings, schema
 from runtime.engine import CHECKED_SCRIPT_CHARS, CHECKED_SCRIPTS
+from runtime.run import default_label
 from runtime.errors import InvalidAgentState, ScriptRejected
 from runtime.store import SQLiteStore
 
@@ -439,6 +440,21 @@ await agent('z')"""
             calls = await engine.list_agents(record.id)
     assert calls[0].label == "look at this " + "x" * 47
     assert (calls[0].phase, calls[1].label, calls[1].phase, calls[2].phase) == ("Scan", "custom", "Other", "Scan")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "label"),
+    [
+        ("", ""),
+        (" \t\n ", ""),
+        ("\u3000 wide\u00a0space\u2028line ", "wide space line"),
+        ("a" * 59 + "  b", "a" * 59 + " "),
+        ("a" * 58 + "\n\nb c", "a" * 58 + " b"),
+        ("word " * 5000, "word " * 12),
+    ],
+)
+def test_default_label_collapses_whitespace_and_keeps_60_characters(prompt: str, label: str) -> None:
+    assert default_label(prompt) == label
 
 
 async def test_meta_phases_and_no_phase_group() -> None:
