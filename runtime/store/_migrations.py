@@ -108,8 +108,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     # Events go in as batches: one row per run per group commit holding that run's events as a
     # JSON array, instead of one row each. A thousand agents' three events each were most of the
     # writer's rows; a batch costs one row and one JSON encoding. The trigger keeps each run's
-    # seqs increasing across batches (the writer checks within one). The events table keeps the
-    # events written before this migration, and is read along with the batches.
+    # seqs increasing across batches and after its events from before this migration (the
+    # writer checks within a batch). The events table keeps those, and is read with the batches.
     Migration(
         "0002_event_batches",
         (
@@ -124,8 +124,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
             """
             CREATE TRIGGER event_batches_after_the_last BEFORE INSERT ON event_batches
-            WHEN NEW.first_seq > NEW.last_seq OR NEW.first_seq <= (
-                SELECT last_seq FROM event_batches WHERE run_id = NEW.run_id ORDER BY first_seq DESC LIMIT 1)
+            WHEN NEW.first_seq > NEW.last_seq OR NEW.first_seq <= coalesce(
+                (SELECT last_seq FROM event_batches WHERE run_id = NEW.run_id ORDER BY first_seq DESC LIMIT 1),
+                (SELECT max(seq) FROM events WHERE run_id = NEW.run_id))
             BEGIN
                 SELECT RAISE(ABORT, 'event batch does not follow the run''s stored events');
             END

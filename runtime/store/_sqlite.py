@@ -24,9 +24,11 @@ Concurrency design
   An unencodable value fails its own write only (see Errors).
 * **Events in batches.** A group's events become one ``event_batches`` row per run: a JSON array
   of that run's events, encoded in one call. Events are three rows in four of a busy run, and one
-  row each cost the writer more than the journal entries. A repeated seq fails the batch, which is
-  then written event by event (see Errors), so only the repeated event is dropped. Events stored
-  before migration 0002 stay rows of the ``events`` table; ``read_events`` reads both.
+  row each cost the writer more than the journal entries. A run's seqs must increase (its
+  ``EventLog`` numbers them so): an event whose seq does not follow the run's stored ones fails
+  its batch, which is then written event by event (see Errors), so only that event is dropped.
+  Events stored before migration 0002 stay rows of the ``events`` table; ``read_events`` reads
+  both, and all processes sharing a database must run the same version.
 * **Few statements per group.** The sqlite3 module releases the GIL around every step, and
   taking it back waits up to a switch interval (5 ms) while the event loop is busy: a group
   written row by row (``executemany``) took seconds beside a busy loop instead of milliseconds.
@@ -36,8 +38,8 @@ Concurrency design
   connections, bounded by a ``CapacityLimiter``. WAL lets them proceed while the writer commits,
   and each read starts after the commits of every write that already returned, so it sees them.
   No SQLite call ever runs on the event loop thread.
-* **Checkpoints** run on a thread of their own (``_Checkpointer``), never in the writer's
-  COMMIT: a checkpoint ends with an fsync, and nothing queued behind it should wait for that.
+* **Checkpoints** run on a thread of their own (``_Checkpointer``), ahead of the writer's: a
+  checkpoint ends with an fsync, and nothing queued behind a COMMIT should wait for that.
 * **Lifetime.** ``open`` creates the file, enables WAL and applies the named migrations (in a worker
   thread), then starts the writer and the checkpointer. ``aclose`` stops accepting writes, lets the
   writer commit what is queued, joins both threads and closes every connection. Awaited writes need the asyncio backend (they
@@ -179,7 +181,7 @@ def _multi_row(sql: str, rows: int) -> str:
 _EARLY_WAKE = 32
 
 # The checkpointer's pace while writes go on (see _Checkpointer).
-_CHECKPOINT_INTERVAL_S = 0.5
+_CHECKPOINT_INTERVAL_S = 0.05
 
 # Wakes the writer to take the pending events; never executed itself.
 _WAKE = _Write(sql="", what="wake")
@@ -285,8 +287,8 @@ def _call_from_row(row: _Row) -> CallRecord:
 def _event_batch_rows(events: Sequence[EventRecord]) -> list[_Row]:
     """One row per run: its events of this group, in order, as one JSON array of
     ``[seq, ts, type, data]``. Raises ValueError if a run's seqs do not increase, so that the
-    group is written again event by event and only the repeated event fails (the table's
-    trigger refuses a batch that does not start after the run's last stored one)."""
+    group is written again event by event and only the event out of order fails (the table's
+    trigger refuses a batch that does not start after the run's last stored event)."""
     by_run: dict[str, list[list[Any]]] = {}
     for e in events:
         batch = by_run.get(e.run_id)
@@ -373,8 +375,6 @@ def _open_writer(path: Path, synchronous: str) -> tuple[sqlite3.Connection, list
         # crash or SIGKILL of this process; an OS crash or power loss can lose the last commits
         # (the database stays consistent). ``synchronous="FULL"`` fsyncs each group commit.
         conn.execute(f"PRAGMA synchronous = {synchronous}")
-        # The writer never checkpoints: the store's checkpointer thread does (see _Checkpointer).
-        conn.execute("PRAGMA wal_autocheckpoint = 0")
         applied = apply_migrations(conn)
     except BaseException:
         conn.close()
@@ -383,14 +383,17 @@ def _open_writer(path: Path, synchronous: str) -> tuple[sqlite3.Connection, list
 
 
 class _Checkpointer:
-    """Copies the WAL into the database file on a thread of its own.
+    """Copies the WAL into the database file on a thread of its own, ahead of the writer.
 
-    SQLite's default has the COMMIT that grows the WAL past 1000 pages do it, and a checkpoint
+    SQLite has the COMMIT that grows the WAL past 1000 pages copy it back, and that checkpoint
     ends with an fsync of the database file: 30-40 ms on the machines this was measured on,
     during which every write queued behind that COMMIT waited, and so did every agent result
-    waiting for it. Here the writer only asks (``request``, after each group); this thread runs
-    a PASSIVE checkpoint, which never waits for the writer or readers and never blocks them, at
-    most once per ``_CHECKPOINT_INTERVAL_S``. The WAL thus holds at most that long's writes.
+    waiting for it. The writer asks this thread after each group (``request``); it runs a
+    PASSIVE checkpoint, which never waits for the writer or readers and never blocks them, at
+    most once per ``_CHECKPOINT_INTERVAL_S``. The writer keeps SQLite's own checkpoint: it
+    finds the pages already copied, so it is quick, and it still bounds the WAL and starts it
+    over (a checkpoint running beside a steady writer never finds the WAL complete, which a
+    restart needs), also if this thread is gone.
     """
 
     def __init__(self, path: Path) -> None:

@@ -345,6 +345,9 @@ async def test_events_from_before_event_batches_are_read_with_the_new_ones(tmp_p
         await anyio.to_thread.run_sync(_database_before_event_batches, path)
         async with await SQLiteStore.open(path) as store:
             assert store.applied_migrations == ("0002_event_batches",)
+            store.append_events([event("r", 3, n=33)])  # already stored before the migration
+            await store.save_run(run("r"))
+            assert store.statistics().events_dropped == 1
             store.append_events([event("r", 4, n=4), event("r", 5, n=5)])
             await store.save_run(run("r"))
             events = await store.read_events("r")
@@ -644,6 +647,19 @@ async def test_the_wal_is_checkpointed_while_the_store_is_open(tmp_path: Path) -
             while path.stat().st_size < size + 50 * 20_000:  # a checkpoint may end before the last commit
                 await anyio.sleep(0.01)
             assert len(await store.list_calls("r")) == 50
+
+
+@pytest.mark.anyio
+async def test_the_wal_starts_over_under_steady_writes(tmp_path: Path) -> None:
+    # A checkpoint beside a steady writer never finds the WAL complete, which starting it over
+    # needs: the writer's own checkpoint (quick, the checkpointer has copied most pages) does.
+    with anyio.fail_after(30):
+        path = tmp_path / "q.db"
+        async with await SQLiteStore.open(path) as store:
+            for index in range(2000):  # about 8 MB of pages, one commit each
+                await store.save_call(call("r", index, output={"text": "x" * 4000}))
+            assert path.with_name("q.db-wal").stat().st_size < 6_000_000
+            assert len(await store.list_calls("r")) == 2000
 
 
 def _writer_threads() -> int:
