@@ -114,6 +114,17 @@ def check_simulate_settings(settings: Any) -> dict[str, Any]:
             raise InvalidRequest("options.simulate.latency_ms must be a number or [min, max]")
     elif not isinstance(latency, (int, float)) or latency < 0:
         raise InvalidRequest("options.simulate.latency_ms must be a non-negative number or [min, max]")
+    responses = settings.get("responses", [])
+    if not isinstance(responses, list) or not all(isinstance(r, Mapping) for r in responses):
+        raise InvalidRequest("options.simulate.responses must be a list of {match, text | data} objects")
+    for canned in responses:
+        match = canned.get("match", "")
+        if not isinstance(match, str):
+            raise InvalidRequest("options.simulate.responses: each 'match' must be a regular expression string")
+        try:
+            regex.compile(match)
+        except regex.error as exc:
+            raise InvalidRequest(f"options.simulate.responses: bad regular expression {match!r}: {exc}") from exc
     for key in ("fail", "invalid"):
         patterns = settings.get(key, [])
         if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
