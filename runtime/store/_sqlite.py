@@ -180,8 +180,9 @@ def _multi_row(sql: str, rows: int) -> str:
 # Journal entries pending that wake the writer before the loop turn ends.
 _EARLY_WAKE = 32
 
-# The checkpointer's pace while writes go on (see _Checkpointer).
+# The checkpointer's pace while writes go on, and the groups it runs after (see _Checkpointer).
 _CHECKPOINT_INTERVAL_S = 0.05
+_CHECKPOINT_GROUP_ROWS = 64
 
 # Wakes the writer to take the pending events; never executed itself.
 _WAKE = _Write(sql="", what="wake")
@@ -388,9 +389,11 @@ class _Checkpointer:
     SQLite has the COMMIT that grows the WAL past 1000 pages copy it back, and that checkpoint
     ends with an fsync of the database file: 30-40 ms on the machines this was measured on,
     during which every write queued behind that COMMIT waited, and so did every agent result
-    waiting for it. The writer asks this thread after each group (``request``); it runs a
-    PASSIVE checkpoint, which never waits for the writer or readers and never blocks them, at
-    most once per ``_CHECKPOINT_INTERVAL_S``. The writer keeps SQLite's own checkpoint: it
+    waiting for it. The writer asks this thread after each group of ``_CHECKPOINT_GROUP_ROWS``
+    rows or more, the bursts that fill the WAL (``request``); it runs a PASSIVE checkpoint, which
+    never waits for the writer or readers and never blocks them, at most once per
+    ``_CHECKPOINT_INTERVAL_S``. Small groups leave the checkpoints to SQLite: checkpointing
+    after each of them cost HTTP throughput, for little left to copy. The writer keeps SQLite's own checkpoint: it
     finds the pages already copied, so it is quick, and it still bounds the WAL and starts it
     over (a checkpoint running beside a steady writer never finds the WAL complete, which a
     restart needs), also if this thread is gone.
@@ -650,7 +653,8 @@ class SQLiteStore:
                 group[:0] = self._take_pending()
                 if group:
                     self._finish(self._commit_group(conn, group))
-                    self._checkpointer.request()
+                    if sum(len(w.records) if w.records is not None else 1 for w in group) >= _CHECKPOINT_GROUP_ROWS:
+                        self._checkpointer.request()
                     group = []
         except BaseException as exc:
             # A bug in the writer itself: fail whoever waits instead of leaving them hanging.
