@@ -31,6 +31,7 @@ logger = logging.getLogger("quickflow.dispatcher")
 
 _NO_USAGE = Usage()  # frozen: one for every call that has used nothing yet
 
+
 @dataclass(slots=True)  # not frozen (cheaper to make, once per call); treat as immutable
 class AgentOutcome:
     """``status``: completed | failed | timeout | structured_output_error."""

@@ -79,7 +79,7 @@ def _holds_slot(hint: tuple[int, int, int] | None, concurrency: int) -> bool:
 
 
 _WORD = re.compile(r"\S+")
-LABEL_CHARS = 60
+_LABEL_CHARS = 60
 
 
 def default_label(prompt: str) -> str:
@@ -92,9 +92,9 @@ def default_label(prompt: str) -> str:
     for word in _WORD.finditer(prompt):
         words.append(word.group())
         length += len(words[-1]) + 1
-        if length >= LABEL_CHARS:
+        if length >= _LABEL_CHARS:
             break
-    return " ".join(words)[:LABEL_CHARS]
+    return " ".join(words)[:_LABEL_CHARS]
 
 
 def _preview(value: Any) -> str:

@@ -42,8 +42,8 @@ Concurrency design
   checkpoint ends with an fsync, and nothing queued behind a COMMIT should wait for that.
 * **Lifetime.** ``open`` creates the file, enables WAL and applies the named migrations (in a worker
   thread), then starts the writer and the checkpointer. ``aclose`` stops accepting writes, lets the
-  writer commit what is queued, joins both threads and closes every connection. Awaited writes need the asyncio backend (they
-  resolve an asyncio future), which is what the service runs on.
+  writer commit what is queued, joins both threads and closes every connection. Awaited writes
+  need the asyncio backend (they resolve an asyncio future), which is what the service runs on.
 """
 
 from __future__ import annotations
@@ -393,10 +393,11 @@ class _Checkpointer:
     rows or more, the bursts that fill the WAL (``request``); it runs a PASSIVE checkpoint, which
     never waits for the writer or readers and never blocks them, at most once per
     ``_CHECKPOINT_INTERVAL_S``. Small groups leave the checkpoints to SQLite: checkpointing
-    after each of them cost HTTP throughput, for little left to copy. The writer keeps SQLite's own checkpoint: it
-    finds the pages already copied, so it is quick, and it still bounds the WAL and starts it
-    over (a checkpoint running beside a steady writer never finds the WAL complete, which a
-    restart needs), also if this thread is gone.
+    after each of them cost HTTP throughput, for little left to copy.
+
+    The writer keeps SQLite's own checkpoint: it finds the pages already copied, so it is quick,
+    and it still bounds the WAL and starts it over (a checkpoint running beside a steady writer
+    never finds the WAL complete, which a restart needs), also if this thread is gone.
     """
 
     def __init__(self, path: Path) -> None:
@@ -469,9 +470,9 @@ class SQLiteStore:
         self._events = 0
         self._write_errors = 0
         self._events_dropped = 0
+        self._checkpointer = _Checkpointer(path)
         # Owned by this store: started here, joined by ``aclose``. Daemon only so that a store
         # someone forgot to close cannot hang interpreter exit (it would lose nothing awaited).
-        self._checkpointer = _Checkpointer(path)
         self._thread = threading.Thread(target=self._writer_main, name="quickflow-store-writer", daemon=True)
         self._thread.start()
 
@@ -653,7 +654,8 @@ class SQLiteStore:
                 group[:0] = self._take_pending()
                 if group:
                     self._finish(self._commit_group(conn, group))
-                    if sum(len(w.records) if w.records is not None else 1 for w in group) >= _CHECKPOINT_GROUP_ROWS:
+                    rows = sum(len(w.records) if w.records is not None else 1 for w in group)
+                    if rows >= _CHECKPOINT_GROUP_ROWS:
                         self._checkpointer.request()
                     group = []
         except BaseException as exc:
