@@ -33,13 +33,13 @@ Concurrency design
   taking it back waits up to a switch interval (5 ms) while the event loop is busy: a group
   written row by row (``executemany``) took seconds beside a busy loop instead of milliseconds.
   Batches of records go in as multi-row ``INSERT … VALUES (…), (…)`` statements of a few fixed
-  sizes (``_insert_rows``), so a group costs a handful of steps whatever its size.
+  sizes (``_rows.insert_rows``), so a group costs a handful of steps whatever its size.
 * **Reads** run in worker threads (``anyio.to_thread.run_sync``) on a small pool of read-only
   connections, bounded by a ``CapacityLimiter``. WAL lets them proceed while the writer commits,
   and each read starts after the commits of every write that already returned, so it sees them.
   No SQLite call ever runs on the event loop thread.
-* **Checkpoints** run on a thread of their own (``_Checkpointer``), ahead of the writer's: a
-  checkpoint ends with an fsync, and nothing queued behind a COMMIT should wait for that.
+* **Checkpoints** run on a thread of their own (``_checkpointer.Checkpointer``), ahead of the
+  writer's: a checkpoint ends with an fsync, and nothing queued behind a COMMIT should wait.
 * **Lifetime.** ``open`` creates the file, enables WAL and applies the named migrations (in a worker
   thread), then starts the writer and the checkpointer. ``aclose`` stops accepting writes, lets the
   writer commit what is queued, joins both threads and closes every connection. Awaited writes
@@ -51,13 +51,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
-import json
 import logging
 import queue
 import sqlite3
 import threading
 from collections import deque
-from itertools import chain
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +63,16 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 import anyio
-import orjson
 
 from ..errors import ConfigError, Conflict
+from ._checkpointer import CHECKPOINT_GROUP_ROWS, Checkpointer
 from ._migrations import apply_migrations
 from ._records import CallRecord, EventRecord, RunRecord, WorkflowRecord
+from ._rows import (
+    DELETE_WORKFLOW, INSERT_EVENT_BATCH, SAVE_CALL, SAVE_RUN, SAVE_WORKFLOW, SELECT_CALL, SELECT_EVENT,
+    SELECT_EVENT_BATCHES, SELECT_RUN, SELECT_WORKFLOW, Row, call_from_row, call_rows, event_batch_rows,
+    event_from_row, insert_rows, loads, run_from_row, run_params, workflow_from_row, workflow_params,
+)
 
 if TYPE_CHECKING:
     from ._protocol import Store
@@ -79,7 +82,6 @@ __all__ = ["SQLiteStore", "StoreStatistics"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_Row = tuple[Any, ...]
 _Outcome = tuple["_Write", int, BaseException | None]
 JournalCallback = Callable[[BaseException | None], None]
 _Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[int] | JournalCallback"]
@@ -112,13 +114,13 @@ class _Write:
     waiter: _Waiter | None = None
     # Records encoded to rows by the writer thread, keeping JSON encoding off the event loop.
     records: Sequence[Any] | None = None
-    encode: Callable[[Sequence[Any]], list[_Row]] | None = None
+    encode: Callable[[Sequence[Any]], list[Row]] | None = None
     # A batch of awaited records (journal entries): ``waiters[i]`` waits for ``records[i]``.
     waiters: list[_Waiter] | None = None
 
     def run(self, conn: sqlite3.Connection) -> int:
         if self.records is not None and self.encode is not None:
-            _insert_rows(conn, self.sql, self.encode(self.records))
+            insert_rows(conn, self.sql, self.encode(self.records))
             return len(self.records)
         return conn.execute(self.sql, self.params).rowcount
 
@@ -131,33 +133,9 @@ class _Write:
 
     @property
     def event_count(self) -> int:
-        if self.sql != _INSERT_EVENT_BATCH:
+        if self.sql != INSERT_EVENT_BATCH:
             return 0
         return len(self.records or ())
-
-
-# Rows per multi-row statement: up to 256 (19 columns: well under SQLite's 32766 parameters).
-# A batch of n rows goes in as n // 256 full statements, then one of a multiple of 16 rows and
-# one of fewer than 16: at most two steps for a typical group, and 32 statement shapes per table
-# to prepare, which the connection's statement cache keeps.
-_MAX_ROWS_PER_STATEMENT = 256
-_ROW_STEP = 16
-
-
-def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[_Row]) -> int:
-    """Run the one-row ``INSERT … VALUES (?, …)`` ``sql`` for every row, in a few multi-row
-    statements (see the module docstring); the number of rows."""
-    if not rows:
-        return 0
-    # SQLite before 3.32 allows only 999 parameters per statement.
-    most = min(_MAX_ROWS_PER_STATEMENT, max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(rows[0])))
-    start = 0
-    while start < len(rows):
-        left = len(rows) - start
-        size = most if left >= most else (left // _ROW_STEP * _ROW_STEP or left)
-        conn.execute(_multi_row(sql, size), list(chain.from_iterable(rows[start:start + size])))
-        start += size
-    return len(rows)
 
 
 def _pop_all(pending: deque[T]) -> list[T]:
@@ -170,19 +148,8 @@ def _pop_all(pending: deque[T]) -> list[T]:
         return taken
 
 
-@functools.cache
-def _multi_row(sql: str, rows: int) -> str:
-    start = sql.index("VALUES (") + len("VALUES ")
-    end = sql.index(")", start) + 1
-    return sql[:start] + ", ".join([sql[start:end]] * rows) + sql[end:]
-
-
 # Journal entries pending that wake the writer before the loop turn ends.
 _EARLY_WAKE = 32
-
-# The checkpointer's pace while writes go on, and the groups it runs after (see _Checkpointer).
-_CHECKPOINT_INTERVAL_S = 0.05
-_CHECKPOINT_GROUP_ROWS = 64
 
 # Wakes the writer to take the pending events; never executed itself.
 _WAKE = _Write(sql="", what="wake")
@@ -196,127 +163,7 @@ class _WriteFailed(Exception):
         self.error = error
 
 
-def _dumps(value: Any) -> str:
-    # orjson encodes a journal entry several times faster than the json module, and the writer
-    # thread encodes under the GIL, competing with the event loop. It refuses what JSON from a
-    # script never holds (integers past 64 bits, non-string keys): those take the slow road.
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _loads(text: str) -> Any:
-    return json.loads(text)
-
-
-def _upsert(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
-    # ``INSERT OR REPLACE`` would silently delete a *different* row that collides on another
-    # unique index (runs' idempotency key); an upsert on the primary key raises instead.
-    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
-    return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
-        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
-    )
-
-
-_RUN_COLUMNS = (
-    "id", "owner", "status", "script", "args", "has_args", "options", "workflow", "resume_from",
-    "resume_mode", "idempotency_key", "created_at", "started_at", "finished_at", "result", "error",
-    "usage", "node",
-)  # fmt: skip
-_CALL_COLUMNS = (
-    "run_id", "idx", "key", "occurrence", "status", "prompt", "options", "label", "phase", "output",
-    "usage", "cost_usd", "model", "attempts", "queued_at", "started_at", "finished_at", "error",
-    "transcript",
-)  # fmt: skip
-_EVENT_COLUMNS = ("run_id", "seq", "ts", "type", "data")  # the legacy table, read only
-_EVENT_BATCH_COLUMNS = ("run_id", "first_seq", "last_seq", "events")
-_WORKFLOW_COLUMNS = ("name", "script", "meta", "owner", "source", "updated_at")
-
-_SAVE_RUN = _upsert("runs", _RUN_COLUMNS, ("id",))
-_SAVE_CALL = _upsert("calls", _CALL_COLUMNS, ("run_id", "idx"))
-_INSERT_EVENT_BATCH = f"INSERT INTO event_batches ({', '.join(_EVENT_BATCH_COLUMNS)}) VALUES (?, ?, ?, ?)"
-_SAVE_WORKFLOW = _upsert("workflows", _WORKFLOW_COLUMNS, ("name",))
-_DELETE_WORKFLOW = "DELETE FROM workflows WHERE name = ?"
-
-_SELECT_RUN = f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs"
-_SELECT_CALL = f"SELECT {', '.join(_CALL_COLUMNS)} FROM calls"
-_SELECT_EVENT = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events"
-_SELECT_EVENT_BATCHES = "SELECT events FROM event_batches WHERE run_id = ? AND last_seq > ? ORDER BY first_seq"
-_SELECT_WORKFLOW = f"SELECT {', '.join(_WORKFLOW_COLUMNS)} FROM workflows"
-
-
-def _run_params(r: RunRecord) -> _Row:
-    return (
-        r.id, r.owner, r.status, r.script, _dumps(r.args), int(r.has_args), _dumps(r.options), r.workflow,
-        r.resume_from, r.resume_mode, r.idempotency_key, r.created_at, r.started_at, r.finished_at,
-        _dumps(r.result), _dumps(r.error), _dumps(r.usage), r.node,
-    )  # fmt: skip
-
-
-def _run_from_row(row: _Row) -> RunRecord:
-    return RunRecord(
-        id=row[0], owner=row[1], status=row[2], script=row[3], args=_loads(row[4]), has_args=bool(row[5]),
-        options=_loads(row[6]), workflow=row[7], resume_from=row[8], resume_mode=row[9],
-        idempotency_key=row[10], created_at=row[11], started_at=row[12], finished_at=row[13],
-        result=_loads(row[14]), error=_loads(row[15]), usage=_loads(row[16]), node=row[17],
-    )  # fmt: skip
-
-
-def _call_rows(calls: Sequence[CallRecord]) -> list[_Row]:
-    return [_call_params(c) for c in calls]
-
-
-def _call_params(c: CallRecord) -> _Row:
-    return (
-        c.run_id, c.index, c.key, c.occurrence, c.status, c.prompt, _dumps(c.options), c.label, c.phase,
-        _dumps(c.output), _dumps(c.usage), c.cost_usd, c.model, c.attempts, c.queued_at, c.started_at,
-        c.finished_at, c.error, _dumps(c.transcript),
-    )  # fmt: skip
-
-
-def _call_from_row(row: _Row) -> CallRecord:
-    return CallRecord(
-        run_id=row[0], index=row[1], key=row[2], occurrence=row[3], status=row[4], prompt=row[5],
-        options=_loads(row[6]), label=row[7], phase=row[8], output=_loads(row[9]), usage=_loads(row[10]),
-        cost_usd=row[11], model=row[12], attempts=row[13], queued_at=row[14], started_at=row[15],
-        finished_at=row[16], error=row[17], transcript=_loads(row[18]),
-    )  # fmt: skip
-
-
-def _event_batch_rows(events: Sequence[EventRecord]) -> list[_Row]:
-    """One row per run: its events of this group, in order, as one JSON array of
-    ``[seq, ts, type, data]``. Raises ValueError if a run's seqs do not increase, so that the
-    group is written again event by event and only the event out of order fails (the table's
-    trigger refuses a batch that does not start after the run's last stored event)."""
-    by_run: dict[str, list[list[Any]]] = {}
-    for e in events:
-        batch = by_run.get(e.run_id)
-        if batch is None:
-            by_run[e.run_id] = [[e.seq, e.ts, e.type, e.data]]
-        elif e.seq > batch[-1][0]:
-            batch.append([e.seq, e.ts, e.type, e.data])
-        else:
-            raise ValueError(f"run {e.run_id}: event seq {e.seq} after {batch[-1][0]}")
-    return [(run_id, batch[0][0], batch[-1][0], _dumps(batch)) for run_id, batch in by_run.items()]
-
-
-def _event_from_row(row: _Row) -> EventRecord:
-    return EventRecord(run_id=row[0], seq=row[1], ts=row[2], type=row[3], data=_loads(row[4]))
-
-
-def _workflow_params(w: WorkflowRecord) -> _Row:
-    return (w.name, w.script, _dumps(w.meta), w.owner, w.source, w.updated_at)
-
-
-def _workflow_from_row(row: _Row) -> WorkflowRecord:
-    return WorkflowRecord(
-        name=row[0], script=row[1], meta=_loads(row[2]), owner=row[3], source=row[4], updated_at=row[5]
-    )
-
-
-def _fetch(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[_Row]:
+def _fetch(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[Row]:
     # Always fetch to the end: a half-read cursor keeps its read transaction open, which would
     # pin an old snapshot on this pooled connection and hold back WAL checkpoints.
     return conn.execute(sql, params).fetchall()
@@ -383,62 +230,6 @@ def _open_writer(path: Path, synchronous: str) -> tuple[sqlite3.Connection, list
     return conn, applied
 
 
-class _Checkpointer:
-    """Copies the WAL into the database file on a thread of its own, ahead of the writer.
-
-    SQLite has the COMMIT that grows the WAL past 1000 pages copy it back, and that checkpoint
-    ends with an fsync of the database file: 30-40 ms on the machines this was measured on,
-    during which every write queued behind that COMMIT waited, and so did every agent result
-    waiting for it. The writer asks this thread after each group of ``_CHECKPOINT_GROUP_ROWS``
-    rows or more, the bursts that fill the WAL (``request``); it runs a PASSIVE checkpoint, which
-    never waits for the writer or readers and never blocks them, at most once per
-    ``_CHECKPOINT_INTERVAL_S``. Small groups leave the checkpoints to SQLite: checkpointing
-    after each of them cost HTTP throughput, for little left to copy.
-
-    The writer keeps SQLite's own checkpoint: it finds the pages already copied, so it is quick,
-    and it still bounds the WAL and starts it over (a checkpoint running beside a steady writer
-    never finds the WAL complete, which a restart needs), also if this thread is gone.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._wanted = threading.Event()
-        self._stopping = threading.Event()
-        self.checkpoints = 0
-        self._thread = threading.Thread(target=self._main, name="quickflow-store-checkpointer", daemon=True)
-        self._thread.start()
-
-    def request(self) -> None:
-        self._wanted.set()
-
-    def stop(self) -> None:
-        """Blocking: no more checkpoints; the last connection to close checkpoints what is left."""
-        self._stopping.set()
-        self._wanted.set()
-        self._thread.join()
-
-    def _main(self) -> None:
-        try:
-            conn = _connect(self._path, query_only=False)
-        except sqlite3.Error as exc:
-            logger.error("store: cannot open a connection to checkpoint %s: %s", self._path, exc)
-            return
-        try:
-            while not self._stopping.is_set():
-                self._wanted.wait()
-                self._wanted.clear()
-                if self._stopping.is_set():
-                    return
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    self.checkpoints += 1
-                except sqlite3.Error as exc:
-                    logger.warning("store: checkpointing %s failed: %s", self._path, exc)
-                self._stopping.wait(_CHECKPOINT_INTERVAL_S)
-        finally:
-            conn.close()
-
-
 class SQLiteStore:
     """The ``Store`` over one SQLite file. Create with :meth:`open`, release with :meth:`aclose`."""
 
@@ -470,7 +261,7 @@ class SQLiteStore:
         self._events = 0
         self._write_errors = 0
         self._events_dropped = 0
-        self._checkpointer = _Checkpointer(path)
+        self._checkpointer = Checkpointer(str(path), functools.partial(_connect, path, query_only=False))
         # Owned by this store: started here, joined by ``aclose``. Daemon only so that a store
         # someone forgot to close cannot hang interpreter exit (it would lose nothing awaited).
         self._thread = threading.Thread(target=self._writer_main, name="quickflow-store-writer", daemon=True)
@@ -528,7 +319,7 @@ class SQLiteStore:
             self._check_open()
             self._queue.put(write)
 
-    async def _write(self, sql: str, params: _Row, what: str) -> int:
+    async def _write(self, sql: str, params: Row, what: str) -> int:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         self._enqueue(_Write(sql, what, params=params, waiter=(loop, future)))
@@ -537,7 +328,7 @@ class SQLiteStore:
 
     async def save_run(self, run: RunRecord) -> None:
         try:
-            await self._write(_SAVE_RUN, _run_params(run), f"run {run.id}")
+            await self._write(SAVE_RUN, run_params(run), f"run {run.id}")
         except sqlite3.IntegrityError as exc:
             if run.idempotency_key is not None and "idempotency_key" in str(exc):
                 raise Conflict(
@@ -618,17 +409,17 @@ class SQLiteStore:
         entries = _pop_all(self._calls_pending)
         writes = []
         if events:
-            writes.append(_Write(_INSERT_EVENT_BATCH, "events", records=events, encode=_event_batch_rows))
+            writes.append(_Write(INSERT_EVENT_BATCH, "events", records=events, encode=event_batch_rows))
         if entries:
-            writes.append(_Write(_SAVE_CALL, f"{len(entries)} journal entries", records=[c for c, _ in entries],
-                                 encode=_call_rows, waiters=[w for _, w in entries]))
+            writes.append(_Write(SAVE_CALL, f"{len(entries)} journal entries", records=[c for c, _ in entries],
+                                 encode=call_rows, waiters=[w for _, w in entries]))
         return writes
 
     async def save_workflow(self, workflow: WorkflowRecord) -> None:
-        await self._write(_SAVE_WORKFLOW, _workflow_params(workflow), f"workflow {workflow.name}")
+        await self._write(SAVE_WORKFLOW, workflow_params(workflow), f"workflow {workflow.name}")
 
     async def delete_workflow(self, name: str) -> bool:
-        return await self._write(_DELETE_WORKFLOW, (name,), f"delete workflow {name}") > 0
+        return await self._write(DELETE_WORKFLOW, (name,), f"delete workflow {name}") > 0
 
     # -- the writer thread --------------------------------------------------------------------
 
@@ -655,7 +446,7 @@ class SQLiteStore:
                 if group:
                     self._finish(self._commit_group(conn, group))
                     rows = sum(len(w.records) if w.records is not None else 1 for w in group)
-                    if rows >= _CHECKPOINT_GROUP_ROWS:
+                    if rows >= CHECKPOINT_GROUP_ROWS:
                         self._checkpointer.request()
                     group = []
         except BaseException as exc:
@@ -781,13 +572,13 @@ class SQLiteStore:
         return await anyio.to_thread.run_sync(self._read_blocking, query, limiter=self._read_limiter)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
-        rows = await self._read(lambda c: _fetch(c, f"{_SELECT_RUN} WHERE id = ?", (run_id,)))
-        return _run_from_row(rows[0]) if rows else None
+        rows = await self._read(lambda c: _fetch(c, f"{SELECT_RUN} WHERE id = ?", (run_id,)))
+        return run_from_row(rows[0]) if rows else None
 
     async def list_runs(
         self, *, owner: str | None = None, status: str | None = None, limit: int = 50, before: str | None = None
     ) -> list[RunRecord]:
-        def query(conn: sqlite3.Connection) -> list[_Row]:
+        def query(conn: sqlite3.Connection) -> list[Row]:
             clauses: list[str] = []
             params: list[Any] = []
             if owner is not None:
@@ -804,57 +595,57 @@ class SQLiteStore:
                     clauses.append("(created_at, id) < (?, ?)")
                     params.extend(cursor[0])
             where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-            rows = _fetch(conn, f"{_SELECT_RUN}{where} ORDER BY created_at DESC, id DESC LIMIT ?", (*params, limit))
+            rows = _fetch(conn, f"{SELECT_RUN}{where} ORDER BY created_at DESC, id DESC LIMIT ?", (*params, limit))
             conn.execute("COMMIT")
             return rows
 
-        return [_run_from_row(row) for row in await self._read(query)]
+        return [run_from_row(row) for row in await self._read(query)]
 
     async def find_run_by_idempotency_key(self, owner: str, key: str) -> RunRecord | None:
-        sql = f"{_SELECT_RUN} WHERE owner = ? AND idempotency_key = ?"
+        sql = f"{SELECT_RUN} WHERE owner = ? AND idempotency_key = ?"
         rows = await self._read(lambda c: _fetch(c, sql, (owner, key)))
-        return _run_from_row(rows[0]) if rows else None
+        return run_from_row(rows[0]) if rows else None
 
     async def runs_with_status(self, statuses: Sequence[str]) -> list[RunRecord]:
         wanted = list(dict.fromkeys(statuses))
         if not wanted:
             return []
-        sql = f"{_SELECT_RUN} WHERE status IN ({', '.join('?' * len(wanted))}) ORDER BY created_at, id"
-        return [_run_from_row(row) for row in await self._read(lambda c: _fetch(c, sql, wanted))]
+        sql = f"{SELECT_RUN} WHERE status IN ({', '.join('?' * len(wanted))}) ORDER BY created_at, id"
+        return [run_from_row(row) for row in await self._read(lambda c: _fetch(c, sql, wanted))]
 
     async def list_calls(self, run_id: str) -> list[CallRecord]:
-        sql = f"{_SELECT_CALL} WHERE run_id = ? ORDER BY idx"
-        return [_call_from_row(row) for row in await self._read(lambda c: _fetch(c, sql, (run_id,)))]
+        sql = f"{SELECT_CALL} WHERE run_id = ? ORDER BY idx"
+        return [call_from_row(row) for row in await self._read(lambda c: _fetch(c, sql, (run_id,)))]
 
     async def get_call(self, run_id: str, index: int) -> CallRecord | None:
-        sql = f"{_SELECT_CALL} WHERE run_id = ? AND idx = ?"
+        sql = f"{SELECT_CALL} WHERE run_id = ? AND idx = ?"
         rows = await self._read(lambda c: _fetch(c, sql, (run_id, index)))
-        return _call_from_row(rows[0]) if rows else None
+        return call_from_row(rows[0]) if rows else None
 
     async def read_events(self, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[EventRecord]:
         # Events from before migration 0002 are rows of the legacy table; they precede the batches.
-        legacy_sql = f"{_SELECT_EVENT} WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        legacy_sql = f"{SELECT_EVENT} WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
         legacy_params = (run_id, after_seq, -1 if limit is None else limit)  # LIMIT -1: no limit
 
-        def read(conn: sqlite3.Connection) -> tuple[list[_Row], list[_Row]]:
-            return _fetch(conn, legacy_sql, legacy_params), _fetch(conn, _SELECT_EVENT_BATCHES, (run_id, after_seq))
+        def read(conn: sqlite3.Connection) -> tuple[list[Row], list[Row]]:
+            return _fetch(conn, legacy_sql, legacy_params), _fetch(conn, SELECT_EVENT_BATCHES, (run_id, after_seq))
 
         legacy, batches = await self._read(read)
-        events = [_event_from_row(row) for row in legacy]
+        events = [event_from_row(row) for row in legacy]
         for (text,) in batches:
             if limit is not None and len(events) >= limit:
                 break
             events.extend(EventRecord(seq, ts, run_id, type_, data)
-                          for seq, ts, type_, data in _loads(text) if seq > after_seq)
+                          for seq, ts, type_, data in loads(text) if seq > after_seq)
         return events if limit is None else events[:limit]
 
     async def get_workflow(self, name: str) -> WorkflowRecord | None:
-        rows = await self._read(lambda c: _fetch(c, f"{_SELECT_WORKFLOW} WHERE name = ?", (name,)))
-        return _workflow_from_row(rows[0]) if rows else None
+        rows = await self._read(lambda c: _fetch(c, f"{SELECT_WORKFLOW} WHERE name = ?", (name,)))
+        return workflow_from_row(rows[0]) if rows else None
 
     async def list_workflows(self) -> list[WorkflowRecord]:
-        rows = await self._read(lambda c: _fetch(c, f"{_SELECT_WORKFLOW} ORDER BY name"))
-        return [_workflow_from_row(row) for row in rows]
+        rows = await self._read(lambda c: _fetch(c, f"{SELECT_WORKFLOW} ORDER BY name"))
+        return [workflow_from_row(row) for row in rows]
 
     # -- shutdown -----------------------------------------------------------------------------
 
