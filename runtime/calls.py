@@ -8,6 +8,7 @@ agents, tokens and cost for the run's summary.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,27 @@ from .backends import Usage
 from .state import AgentStatus
 from .store import CallRecord
 
-__all__ = ["LiveCall", "PhaseStats"]
+__all__ = ["LiveCall", "PhaseStats", "default_label"]
+
+
+_WORD = re.compile(r"\S+")
+_LABEL_CHARS = 60
+
+
+def default_label(prompt: str) -> str:
+    """The first 60 characters of the prompt, whitespace collapsed.
+
+    Reads only as many words as that takes: prompts can be long, and unlabeled calls are many.
+    """
+    words: list[str] = []
+    length = -1
+    for word in _WORD.finditer(prompt):
+        words.append(word.group())
+        length += len(words[-1]) + 1
+        if length >= _LABEL_CHARS:
+            break
+    return " ".join(words)[:_LABEL_CHARS]
+
 
 
 @dataclass(slots=True)

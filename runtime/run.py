@@ -19,7 +19,6 @@ import copy
 import heapq
 import json
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,18 +32,19 @@ from anyio.abc import TaskGroup
 from sandbox import Isolate, IsolateLimits, ScriptFailure, check_script
 
 from .backends import AgentRequest, Usage
-from .calls import LiveCall, PhaseStats
+from .calls import LiveCall, PhaseStats, default_label
 from .dispatcher import AgentOutcome, Dispatcher
 from .errors import AgentNotFound, InvalidAgentState, InvalidRunState
 from .events import EventLog, EventType
 from .journal import Occurrences, ResumePlan, call_key
 from .limits import Limits
 from .options import RunOptions
+from .scheduling import holds_slot, pipeline_hint, queue_priority
 from .schema import schema_problem
 from .state import AgentStatus, RunStatus, can_transition
 from .store import CallRecord, RunRecord, Store, WorkflowRecord
 
-__all__ = ["LiveCall", "PhaseStats", "Run", "RunContext", "default_label"]
+__all__ = ["LiveCall", "PhaseStats", "Run", "RunContext"]
 
 logger = logging.getLogger("quickflow.run")
 
@@ -67,36 +67,6 @@ _JOURNALING = "finished, its result being journaled"
 _HOLD_MIN_CALL_S = 0.005
 
 
-def _holds_slot(hint: tuple[int, int, int] | None, concurrency: int) -> bool:
-    """Whether the worker of a call a pipeline stage started keeps its slot for the item's next
-    stage: only for the first ``concurrency`` items, and only if there is a next stage.
-
-    Holding costs the slot a commit and a slice per stage. For the first items it buys what
-    streaming is for, a first result after about one pass through the stages; for later items
-    it would only idle slots, while those items keep their priority in the queue anyway.
-    """
-    return hint is not None and hint[0] + 1 < hint[2] and hint[1] < concurrency
-
-
-_WORD = re.compile(r"\S+")
-_LABEL_CHARS = 60
-
-
-def default_label(prompt: str) -> str:
-    """The first 60 characters of the prompt, whitespace collapsed.
-
-    Reads only as many words as that takes: prompts can be long, and unlabeled calls are many.
-    """
-    words: list[str] = []
-    length = -1
-    for word in _WORD.finditer(prompt):
-        words.append(word.group())
-        length += len(words[-1]) + 1
-        if length >= _LABEL_CHARS:
-            break
-    return " ".join(words)[:_LABEL_CHARS]
-
-
 def _preview(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
@@ -108,18 +78,6 @@ _CALL_OPTIONS = frozenset({"schema", "model", "effort", "agentType", "isolation"
 
 def _js_error(name: str, message: str) -> dict[str, str]:
     return {"name": name, "message": message}
-
-
-def _pipeline_hint(hint: Any) -> tuple[int, int, int] | None:
-    """``[stage, item, stages]`` from the prelude when a pipeline stage started the call."""
-    if isinstance(hint, list) and len(hint) == 3 and all(isinstance(x, int) for x in hint):
-        return hint[0], hint[1], hint[2]
-    return None
-
-
-def _priority(hint: tuple[int, int, int] | None, index: int) -> tuple[int, ...]:
-    """Later pipeline stages first, then lower items, then issue order."""
-    return (-hint[0], hint[1], index) if hint is not None else (0, 0, index)
 
 
 @dataclass(frozen=True)
@@ -461,9 +419,9 @@ class Run:
                         model=self.ctx.resolve_model(options.get("model"), self.options.model, agent_type))
         self.calls[index] = call
         call.deliver, call.handled, call.schema = deliver, handled, schema
-        hint = _pipeline_hint(payload.get("priority"))
-        call.holds_slot = _holds_slot(hint, self.options.concurrency)
-        call.priority = _priority(hint, index)
+        hint = pipeline_hint(payload.get("priority"))
+        call.holds_slot = holds_slot(hint, self.options.concurrency)
+        call.priority = queue_priority(hint, index)
         if recovered is not None:
             deliver(True, self._serve_recovered(call, recovered))
             return

@@ -1,9 +1,11 @@
-"""A capacity limiter that hands free slots to the most urgent waiter, not the oldest.
+"""Who runs next: the order of a run's queue, and a limiter that serves the most urgent first.
 
-The dispatcher's server-wide agent limit: ``try_acquire`` takes a free slot without awaiting
-(the common case costs no task switch), and waiters are served by priority, FIFO among equals.
-Priorities are tuples; smaller is more urgent. (A run orders its own calls in its queue; see
-``runtime.run``.)
+A run queues its calls by ``queue_priority``: later pipeline stages first, then lower items,
+then issue order; ``holds_slot`` says which pipeline calls keep their slot for the item's next
+stage (``runtime.run`` does the queueing and the holding). ``PriorityLimiter`` is the
+dispatcher's server-wide agent limit: ``try_acquire`` takes a free slot without awaiting (the
+common case costs no task switch), and waiters are served by priority, FIFO among equals.
+Priorities are tuples; smaller is more urgent.
 """
 
 from __future__ import annotations
@@ -15,7 +17,30 @@ from typing import Any
 
 import anyio
 
-__all__ = ["PriorityLimiter", "PriorityLimiterStatistics"]
+__all__ = ["PriorityLimiter", "PriorityLimiterStatistics", "holds_slot", "pipeline_hint", "queue_priority"]
+
+
+def pipeline_hint(hint: Any) -> tuple[int, int, int] | None:
+    """``[stage, item, stages]`` from the prelude when a pipeline stage started the call."""
+    if isinstance(hint, list) and len(hint) == 3 and all(isinstance(x, int) for x in hint):
+        return hint[0], hint[1], hint[2]
+    return None
+
+
+def queue_priority(hint: tuple[int, int, int] | None, index: int) -> tuple[int, ...]:
+    """Later pipeline stages first, then lower items, then issue order."""
+    return (-hint[0], hint[1], index) if hint is not None else (0, 0, index)
+
+
+def holds_slot(hint: tuple[int, int, int] | None, concurrency: int) -> bool:
+    """Whether the worker of a call a pipeline stage started keeps its slot for the item's next
+    stage: only for the first ``concurrency`` items, and only if there is a next stage.
+
+    Holding costs the slot a commit and a slice per stage. For the first items it buys what
+    streaming is for, a first result after about one pass through the stages; for later items
+    it would only idle slots, while those items keep their priority in the queue anyway.
+    """
+    return hint is not None and hint[0] + 1 < hint[2] and hint[1] < concurrency
 
 
 @dataclass(frozen=True)

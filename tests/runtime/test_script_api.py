@@ -20,7 +20,7 @@ import regex
 
 from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, load_settings, schema
 from runtime.engine import CHECKED_SCRIPT_CHARS, CHECKED_SCRIPTS
-from runtime.run import default_label
+from runtime.calls import default_label
 from runtime.errors import InvalidAgentState, ScriptRejected
 from runtime.store import SQLiteStore
 
