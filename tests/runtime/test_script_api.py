@@ -583,20 +583,24 @@ async def test_pipeline_items_stream_through_a_full_queue() -> None:
     assert events.index(("agent.completed", "i0-s2")) < events.index(("agent.started", "i7-s0"))
 
 
+async def start_order_of_two_stages(options: dict[str, Any]) -> tuple[RunRecord, list[str]]:
+    """Three items through two stages on one slot: the run, and the labels in start order."""
+    script = """return await pipeline([0, 1, 2],
+  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
+  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}))"""
+    async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+        record = await engine.submit(RunRequest(script=script, options={"concurrency": 1, **options}))
+        record = await engine.wait(record.id)
+        started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
+    return record, started
+
+
 async def test_only_the_first_items_hold_their_slot_for_the_next_stage() -> None:
     # One slot: item 0, among the first `concurrency` items, keeps it for its second stage.
     # Item 1 does not: the slot goes straight to item 2's first stage, queued meanwhile, instead
     # of idling until the script asks for item 1's second stage.
-    script = """return await pipeline([0, 1, 2],
-  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
-  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}))"""
     with anyio.fail_after(20):
-        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
-            record = await engine.submit(
-                RunRequest(script=script, options={"concurrency": 1, "simulate": {"latency_ms": 20}})
-            )
-            record = await engine.wait(record.id)
-            started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
+        record, started = await start_order_of_two_stages({"simulate": {"latency_ms": 20}})
     assert record.status == "completed" and len(record.result) == 3
     assert started[:4] == ["i0-s0", "i0-s1", "i1-s0", "i2-s0"]
 
@@ -604,14 +608,8 @@ async def test_only_the_first_items_hold_their_slot_for_the_next_stage() -> None
 async def test_near_instant_pipeline_calls_do_not_hold_their_slot() -> None:
     # Holding a slot for an item's next stage costs a commit and a slice; after a call that
     # answered at once that wait would only idle the slot, so the worker takes the next item.
-    script = """return await pipeline([0, 1, 2],
-  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
-  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}))"""
     with anyio.fail_after(20):
-        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
-            record = await engine.submit(RunRequest(script=script, options={"concurrency": 1}))
-            record = await engine.wait(record.id)
-            started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
+        record, started = await start_order_of_two_stages({})
     assert record.status == "completed" and len(record.result) == 3
     assert started[:3] == ["i0-s0", "i1-s0", "i2-s0"]
 
