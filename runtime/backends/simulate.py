@@ -158,7 +158,7 @@ class SimulateBackend:
             if any(_matches(p, request.label) or _matches(p, request.prompt) for p in settings.get("fail", ())):
                 raise TerminalBackendError(f"simulated failure (options.simulate.fail matched {request.label!r})")
         text, data = self._answer(request, settings)
-        out_tokens = int(settings.get("output_tokens") or _tokens(text)) if settings else _tokens(text)
+        out_tokens = int(settings.get("output_tokens") or _tokens(text))
         # Input as a real backend would send it: the subagent system prompt, the prompt, the schema.
         schema_chars = len(json.dumps(request.schema)) if request.schema is not None else 0
         usage = Usage(max(1, (_SYSTEM_PROMPT_CHARS + len(request.prompt) + schema_chars) // 4), out_tokens)
