@@ -1,0 +1,38 @@
+"""The pipeline model in benchmarks/ against schedules whose outcome is known by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from benchmarks.pipeline_model import ORDERS, simulate
+
+LATER_FIRST, FIFO = ORDERS.values()
+
+
+@pytest.mark.parametrize("order", [LATER_FIRST, FIFO])
+def test_free_calls_fill_every_wave(order: Callable[[int, int], tuple[int, ...]]) -> None:
+    # 64 items × 3 stages on 16 slots with no cost between calls: 12 full waves of 20 ms.
+    _, total = simulate(order, holds=0, late_ms=0, gap_ms=0)
+    assert total == pytest.approx(1.0)
+
+
+def test_a_held_item_runs_its_stages_back_to_back() -> None:
+    first, _ = simulate(LATER_FIRST, holds=16, late_ms=0, gap_ms=0)
+    assert first == pytest.approx(1.0)
+    first, _ = simulate(LATER_FIRST, holds=16, late_ms=0, gap_ms=5)
+    assert first == pytest.approx((3 * 20 + 2 * 5) / 60)
+
+
+def test_gaps_cost_the_total_only_through_held_slots() -> None:
+    # Without holds, other items' calls fill the gaps; a held slot idles through them.
+    _, free = simulate(LATER_FIRST, holds=0, late_ms=0, gap_ms=4)
+    _, held = simulate(LATER_FIRST, holds=16, late_ms=0, gap_ms=4)
+    assert free == pytest.approx(1.0)
+    assert held > free
+
+
+def test_late_calls_stretch_every_wave() -> None:
+    _, total = simulate(FIFO, holds=0, late_ms=2, gap_ms=0)
+    assert total == pytest.approx(22 / 20)
