@@ -45,6 +45,12 @@ def prompt(i: int) -> str:
     return f"task-{i:03d}"
 
 
+def journaled(run_id: str, index: int, prompt: str, status: str, **fields: Any) -> CallRecord:
+    """A journal entry for ``prompt``, the first call with that prompt in its run."""
+    return CallRecord(run_id=run_id, index=index, key=call_key(prompt), occurrence=0, status=status, prompt=prompt,
+                      **fields)
+
+
 def fail_only(indices: tuple[int, ...]) -> dict[str, Any]:
     return {"simulate": {"fail": [f"^task-({'|'.join(f'{i:03d}' for i in indices)})$"]}}
 
@@ -428,14 +434,11 @@ async def test_recovering_a_prefix_resume_keeps_the_prefix_broken(tmp_path: Path
     await store.save_run(RunRecord(id="src", owner="local", status="completed", script=script, created_at=1.0))
     source = {"A": ("completed", "a-src"), "B": ("failed", None), "C": ("completed", "c-src")}
     for i, (p, (status, output)) in enumerate(source.items()):
-        await store.save_call(CallRecord(run_id="src", index=i, key=call_key(p), occurrence=0, status=status,
-                                         prompt=p, output=output))
+        await store.save_call(journaled("src", i, p, status, output=output))
     await store.save_run(RunRecord(id="crashed", owner="local", status="running", script=script, created_at=2.0,
                                    resume_from="src", resume_mode="prefix"))
-    await store.save_call(CallRecord(run_id="crashed", index=0, key=call_key("A"), occurrence=0, status="cached",
-                                     prompt="A", output="a-src"))
-    await store.save_call(CallRecord(run_id="crashed", index=1, key=call_key("B"), occurrence=0, status="completed",
-                                     prompt="B", output="b-live"))
+    await store.save_call(journaled("crashed", 0, "A", "cached", output="a-src"))
+    await store.save_call(journaled("crashed", 1, "B", "completed", output="b-live"))
     with anyio.fail_after(20):
         async with harness(tmp_path, store, recover=True) as h:
             final = await h.engine.wait("crashed")
@@ -450,13 +453,12 @@ async def test_recovered_calls_keep_their_journaled_status(tmp_path: Path) -> No
     store = MemoryStore()
     await store.save_run(RunRecord(id="src", owner="local", status="completed", script=script, created_at=1.0))
     for i, p in enumerate("ABC"):
-        await store.save_call(CallRecord(run_id="src", index=i, key=call_key(p), occurrence=0, status="completed",
-                                         prompt=p, output=p.lower(), usage={"output_tokens": 7}))
+        await store.save_call(journaled("src", i, p, "completed", output=p.lower(), usage={"output_tokens": 7}))
     await store.save_run(RunRecord(id="crashed", owner="local", status="running", script=script, created_at=2.0,
                                    resume_from="src", resume_mode="reuse"))
     for i, p in enumerate("AB"):
-        await store.save_call(CallRecord(run_id="crashed", index=i, key=call_key(p), occurrence=0, status="cached",
-                                         prompt=p, output=p.lower(), transcript=[{"cached_from": "src", "index": i}]))
+        await store.save_call(journaled("crashed", i, p, "cached", output=p.lower(),
+                                        transcript=[{"cached_from": "src", "index": i}]))
     with anyio.fail_after(20):
         async with harness(tmp_path, store, recover=True) as h:
             final = await h.engine.wait("crashed")
@@ -502,8 +504,7 @@ async def test_recovery_announces_only_calls_whose_final_event_was_lost(tmp_path
     store = MemoryStore()
     await store.save_run(RunRecord(id="crashed", owner="local", status="running", script=script, created_at=1.0))
     for i, p in enumerate("AB"):
-        await store.save_call(CallRecord(run_id="crashed", index=i, key=call_key(p), occurrence=0, status="completed",
-                                         prompt=p, output=p.lower(), usage={"output_tokens": 7}))
+        await store.save_call(journaled("crashed", i, p, "completed", output=p.lower(), usage={"output_tokens": 7}))
     store.append_events([
         EventRecord(seq=1, ts=1.0, run_id="crashed", type="run.queued", data={}),
         EventRecord(seq=2, ts=1.0, run_id="crashed", type="run.started", data={"recovered": False}),
