@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
+import sandbox
 from runtime import Engine, EventRecord, RunRecord, RunRequest, SimulateBackend, load_settings
 from runtime.store import SQLiteStore
 
@@ -86,11 +88,15 @@ async def open_bench(*, limits: Mapping[str, Any] | None = None) -> AsyncIterato
 
 
 async def settle(bench: Bench, timeout_s: float = 10.0) -> None:
-    """Wait until the journal writer has flushed the previous trial's events, so no trial (or
-    baseline measured in between) pays for another's background writes."""
+    """Wait until the journal writer has flushed the previous trial's events and the spare
+    isolates are ready, so no trial (or baseline measured in between) pays for another's
+    background work. The engine prepares spares once a run ends (``SPARES_AFTER_S``); this
+    prepares any it has not prepared yet (before the first run there are none)."""
     with anyio.move_on_after(timeout_s):
         while bench.store.statistics().queued:
             await anyio.sleep(0.002)
+        while sandbox.spare_isolates_wanted():
+            await anyio.to_thread.run_sync(sandbox.prepare_spare_isolate)
     await anyio.sleep(0.02)  # the last group may still be committing
 
 

@@ -62,6 +62,10 @@ KEEP_FINISHED = 256
 #: Check results kept for scripts seen recently, and the longest script kept (16 MiB at most).
 CHECKED_SCRIPTS = 256
 CHECKED_SCRIPT_CHARS = 64 * 1024
+#: Spare isolates are prepared once a run ends, not while it runs: preparing one costs a run 5-10
+#: ms of CPU it would otherwise have. A run that goes on longer than this does not keep the
+#: pool empty: the spares are prepared then.
+SPARES_AFTER_S = 1.0
 # The events that end a call that crash recovery serves from the journal.
 _FINAL_AGENT_EVENTS = frozenset({EventType.AGENT_COMPLETED.value, EventType.AGENT_CACHED.value})
 
@@ -111,6 +115,7 @@ class Engine:
         self._finished: list[str] = []
         self._tg: TaskGroup | None = None
         self._preparing = False  # a task is preparing spare isolates
+        self._run_ended: anyio.Event | None = None  # set when a run ends while that task waits
         self._checks = _RecentChecks(CHECKED_SCRIPTS, CHECKED_SCRIPT_CHARS)
         self._ctx = RunContext(
             store=store,
@@ -143,9 +148,13 @@ class Engine:
         """Isolates of waiting scripts given up to save memory in this process (see Limits.evict_idle_s)."""
         return sandbox.evictions_total()
 
-    async def _prepare_isolates(self) -> None:
-        """Top up the spare isolates that let a run skip hardening on its critical path."""
+    async def _prepare_isolates(self, ended: anyio.Event) -> None:
+        """Top up the spare isolates that let a run skip hardening on its critical path, once
+        a run ends or ``SPARES_AFTER_S`` has passed."""
         try:
+            with anyio.move_on_after(SPARES_AFTER_S):
+                await ended.wait()
+            self._run_ended = None
             while sandbox.spare_isolates_wanted():
                 await anyio.to_thread.run_sync(sandbox.prepare_spare_isolate)
         finally:
@@ -298,15 +307,19 @@ class Engine:
         self._tg.start_soon(self._drive, run, name=f"run {run.id}")
 
     def _top_up_isolates(self) -> None:
-        """Called once a run's first slice is done, so preparing spares never competes with it."""
+        """Called once a run's first slice is done: the spares are prepared after a run ends
+        (see ``SPARES_AFTER_S``), so that preparing them competes with no run's work."""
         if not self._preparing and sandbox.spare_isolates_wanted() and self._tg is not None:
             self._preparing = True
-            self._tg.start_soon(self._prepare_isolates)
+            self._run_ended = anyio.Event()
+            self._tg.start_soon(self._prepare_isolates, self._run_ended)
 
     async def _drive(self, run: Run) -> None:
         try:
             await self._drive_inner(run)
         finally:
+            if self._run_ended is not None:
+                self._run_ended.set()
             if run.status.terminal:
                 self._finished.append(run.id)
                 while len(self._finished) > KEEP_FINISHED:
