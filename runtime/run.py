@@ -212,8 +212,11 @@ class Run:
         await self._set_status(status, finished_at=now, result=result if status is RunStatus.COMPLETED else None,
                                error=error)
         self.events.close()
-        self._archive()
         self.done.set()
+        # Those waiting for the end go first: freeing a big run's calls and events takes the
+        # event loop milliseconds (3.7 ms for 1000 agents), and nothing they read changes.
+        await anyio.lowlevel.checkpoint()
+        self._archive()
 
     def _archive(self) -> None:
         """The run has ended and its final state is durable: drop what only a live run needs.
