@@ -120,49 +120,64 @@
   });
   const NO_UNKNOWN = freeze([]);
 
-  function qf$stringOption(opts, options, key) {
-    const v = opts[key];
-    if (v === undefined || v === null) return;
+  function qf$stringOption(key, v) {
     if (typeof v !== 'string' || v === '') throw new TypeError(`agent() option '${key}' must be a non-empty string`);
-    options[key] = v;
+    return v;
   }
 
+  // The unknown option names of the options qf$checkOptions checked last, set as it returns
+  // (after every getter ran) and read by agent() right after: one object less per call than
+  // returning both.
+  let uncheckedKeys = NO_UNKNOWN;
+
+  // Each option is read once (a getter runs once), in a fixed order. This runs once per agent()
+  // call: indexed loops and no wrapper object, as the engine does not optimize those away.
   function qf$checkOptions(opts) {
-    if (opts === undefined || opts === null) return { options: {}, unknown: NO_UNKNOWN };
+    if (opts === undefined || opts === null) {
+      uncheckedKeys = NO_UNKNOWN;
+      return {};
+    }
     if (typeof opts !== 'object' || isArray(opts)) {
       throw new TypeError('agent() options must be an object, e.g. agent(prompt, { label: "..." })');
     }
     const options = {};
     let unknown = NO_UNKNOWN;
-    for (const key of objectKeys(opts)) {
-      if (KNOWN_OPTIONS[key] !== true) {
+    const names = objectKeys(opts);
+    for (let k = 0; k < names.length; k++) {
+      if (KNOWN_OPTIONS[names[k]] !== true) {
         if (unknown === NO_UNKNOWN) unknown = [];
-        unknown.push(key);
+        unknown.push(names[k]);
       }
     }
-    qf$stringOption(opts, options, 'label');
-    qf$stringOption(opts, options, 'phase');
-    qf$stringOption(opts, options, 'model');
-    qf$stringOption(opts, options, 'agentType');
-    if (opts.effort !== undefined && opts.effort !== null) {
-      if (!EFFORTS.includes(opts.effort)) {
-        throw new TypeError(`agent() option 'effort' must be one of ${EFFORTS.join(', ')}, not ${qf$message(opts.effort)}`);
+    const label = opts.label;
+    if (label !== undefined && label !== null) options.label = qf$stringOption('label', label);
+    const phase = opts.phase;
+    if (phase !== undefined && phase !== null) options.phase = qf$stringOption('phase', phase);
+    const model = opts.model;
+    if (model !== undefined && model !== null) options.model = qf$stringOption('model', model);
+    const agentType = opts.agentType;
+    if (agentType !== undefined && agentType !== null) options.agentType = qf$stringOption('agentType', agentType);
+    const effort = opts.effort;
+    if (effort !== undefined && effort !== null) {
+      if (!EFFORTS.includes(effort)) {
+        throw new TypeError(`agent() option 'effort' must be one of ${EFFORTS.join(', ')}, not ${qf$message(effort)}`);
       }
-      options.effort = opts.effort;
+      options.effort = effort;
     }
-    if (opts.isolation !== undefined && opts.isolation !== null) {
-      if (opts.isolation !== 'worktree') throw new TypeError("agent() option 'isolation' must be 'worktree'");
-      options.isolation = opts.isolation;
+    const isolation = opts.isolation;
+    if (isolation !== undefined && isolation !== null) {
+      if (isolation !== 'worktree') throw new TypeError("agent() option 'isolation' must be 'worktree'");
+      options.isolation = isolation;
     }
-    if (opts.timeout !== undefined && opts.timeout !== null) {
-      const t = opts.timeout;
+    const t = opts.timeout;
+    if (t !== undefined && t !== null) {
       if (typeof t !== 'number' || !(t > 0) || t === Infinity) {
         throw new TypeError("agent() option 'timeout' must be a positive number of milliseconds");
       }
       options.timeout = t;
     }
-    if (opts.schema !== undefined && opts.schema !== null) {
-      const s = opts.schema;
+    const s = opts.schema;
+    if (s !== undefined && s !== null) {
       if (typeof s !== 'object' || isArray(s)) {
         throw new TypeError("agent() option 'schema' must be a JSON Schema object with type: 'object'");
       }
@@ -175,7 +190,16 @@
       }
       options.schema = parse(text);
     }
-    return { options, unknown };
+    uncheckedKeys = unknown;
+    return options;
+  }
+
+  // Whether a string holds only whitespace; trim() copies the string, so only when it starts
+  // with a character that may be whitespace (anything but printable ASCII).
+  function qf$blank(text) {
+    if (text === '') return true;
+    const first = text.charCodeAt(0);
+    return !(first > 32 && first < 127) && text.trim() === '';
   }
 
   function qf$exhausted() {
@@ -191,23 +215,23 @@
   }
 
   function agent(prompt, opts) {
-    let checked;
+    let payload;
     try {
-      if (typeof prompt !== 'string' || prompt.trim() === '') {
+      if (typeof prompt !== 'string' || qf$blank(prompt)) {
         throw new TypeError('agent() expects a non-empty string prompt as its first argument');
       }
-      checked = qf$checkOptions(opts);
+      payload = qf$checkOptions(opts);
       const stop = qf$exhausted();
       if (stop) throw stop;
     } catch (err) {
       return Promise.reject(err);
     }
     state.issued++;
-    const payload = checked.options;
+    const unknown = uncheckedKeys;
     payload.prompt = prompt;
     if (payload.phase === undefined && currentPhase !== null) payload.phase = currentPhase;
     if (currentPriority !== null) payload.priority = currentPriority;
-    if (checked.unknown.length) payload.unknown = checked.unknown;
+    if (unknown.length) payload.unknown = unknown;
     return qf$request('agent', payload);
   }
 

@@ -57,6 +57,13 @@ CASES = [
     Case("agent-options-not-object", "await agent('x', 'fast')", error="agent() options must be an object"),
     Case("agent-bad-effort", "await agent('x', {effort: 'huge'})", error="option 'effort' must be one of low, medium"),
     Case("agent-good-effort", "return typeof (await agent('x', {effort: 'xhigh'}))", result="string"),
+    # Each option is read once: a getter cannot pass the check with one value and hand over another.
+    Case(
+        "agent-option-getters-run-once",
+        "let e = 0, l = 0; const o = {get effort() { e++; return e === 1 ? 'low' : {bad: true} }, "
+        "get label() { l++; return 'l' }}; await agent('x', o); return [e, l]",
+        result=[1, 1],
+    ),
     Case("agent-bad-isolation", "await agent('x', {isolation: 'container'})", error="option 'isolation' must be 'worktree'"),
     Case("agent-bad-timeout", "await agent('x', {timeout: -5})", error="option 'timeout' must be a positive number"),
     Case("agent-bad-model", "await agent('x', {model: 7})", error="option 'model' must be a non-empty string"),
