@@ -114,8 +114,8 @@ class Engine:
         # Finished runs stay in memory a while (live views are cheaper than the store), oldest out first.
         self._finished: list[str] = []
         self._tg: TaskGroup | None = None
-        self._preparing = False  # a task is preparing spare isolates
-        self._run_ended: anyio.Event | None = None  # set when a run ends while that task waits
+        # While a task prepares spare isolates: the event a run's end sets (the task waits for it).
+        self._run_ended: anyio.Event | None = None
         self._checks = _RecentChecks(CHECKED_SCRIPTS, CHECKED_SCRIPT_CHARS)
         self._ctx = RunContext(
             store=store,
@@ -154,11 +154,10 @@ class Engine:
         try:
             with anyio.move_on_after(SPARES_AFTER_S):
                 await ended.wait()
-            self._run_ended = None
             while sandbox.spare_isolates_wanted():
                 await anyio.to_thread.run_sync(sandbox.prepare_spare_isolate)
         finally:
-            self._preparing = False
+            self._run_ended = None
 
     async def _release_memory(self) -> None:
         """Once a second, if scripts gave up their isolates meanwhile, hand the freed memory back
@@ -309,8 +308,7 @@ class Engine:
     def _top_up_isolates(self) -> None:
         """Called once a run's first slice is done: the spares are prepared after a run ends
         (see ``SPARES_AFTER_S``), so that preparing them competes with no run's work."""
-        if not self._preparing and sandbox.spare_isolates_wanted() and self._tg is not None:
-            self._preparing = True
+        if self._run_ended is None and sandbox.spare_isolates_wanted() and self._tg is not None:
             self._run_ended = anyio.Event()
             self._tg.start_soon(self._prepare_isolates, self._run_ended)
 
