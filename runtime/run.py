@@ -20,7 +20,6 @@ import heapq
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -54,10 +53,10 @@ TOO_MANY_PHASES = "(more phases)"
 PREVIEW_CHARS = 200
 # A worker whose calls finish without awaiting yields to the event loop after this long.
 _WORKER_TURN_S = 0.002
-# Calls a worker may have executed but not yet journaled, the one executing included. Only
-# calls that finish faster than a commit ever get this far ahead, and re-running those after a
-# crash costs little; two per worker left the loop idle, waiting for commits, in bursts of
-# near-instant calls.
+# Calls a run may have executed but not yet journaled, per slot of its concurrency. Only calls
+# that finish faster than a commit ever get this far ahead, and re-running those after a crash
+# costs little; two per slot left the loop idle, waiting for commits, in bursts of near-instant
+# calls.
 CALLS_AHEAD_OF_JOURNAL = 8
 # How a call that has finished executing shows until its journal entry commits (it counts as
 # running: a live view never shows a result that a crash could still lose).
@@ -129,8 +128,12 @@ class Run:
         self._occurrences = Occurrences()
         self._queue: list[tuple[tuple[int, ...], LiveCall]] = []  # a heap, most urgent first
         self._workers = 0
-        self._executing = 0  # workers inside a call, as opposed to about to take one
+        # Workers inside a call or holding their slot after one, as opposed to free to take one.
+        self._busy = 0
         self._parked: list[asyncio.Future[None]] = []  # idle workers, waiting for the queue to fill
+        # Calls executed whose journal entry is not yet durable, and workers waiting for fewer.
+        self._unjournaled = 0
+        self._journal_room: list[asyncio.Future[None]] = []
         self._tg: TaskGroup | None = None
         self._unpaused = anyio.Event()
         self._unpaused.set()
@@ -437,21 +440,32 @@ class Run:
         heapq.heappush(self._queue, (call.priority, call))
         self._start_workers()
 
-    def _start_workers(self) -> None:
-        """Enough workers for the queue, at most ``concurrency``: parked ones first (waking one
-        costs a fraction of starting a task), then new ones."""
-        if self._tg is None:
+    def _start_workers(self, *, every: bool = False) -> None:
+        """Workers free to take queued calls: one, or with ``every`` one per queued call. Parked
+        ones first (waking one costs a fraction of starting a task), then new ones, at most
+        ``concurrency`` in all.
+
+        One is enough until a call awaits: calls that answer at once are then all served by the
+        worker that took the first, instead of waking one per call only to park it again. A
+        call that awaits asks for ``every`` (``_run_call``), so the calls queued behind it start
+        together, as they would have with a worker each from the start.
+        """
+        if self._tg is None or not self._queue:
             return
-        # Workers not executing a call take from the queue as soon as they can.
-        wanted = min(self.options.concurrency, self._executing + len(self._queue))
-        while self._workers - len(self._parked) < wanted:
+        free = self._workers - len(self._parked) - self._busy
+        wanted = min(len(self._queue), self.options.concurrency) if every else 1
+        while free < wanted:
             if self._parked:
                 parked = self._parked.pop()
-                if not parked.done():
-                    parked.set_result(None)
-            else:
+                if parked.done():
+                    continue
+                parked.set_result(None)
+            elif self._workers < self.options.concurrency:
                 self._workers += 1
                 self._tg.start_soon(self._worker)
+            else:
+                return
+            free += 1
 
     def _validate(self, payload: dict[str, Any]) -> dict[str, str] | None:
         """The error for JS when the request cannot become an agent, else None (and count it)."""
@@ -515,16 +529,15 @@ class Run:
     async def _worker(self) -> None:
         """Serve queued calls, most urgent first, until the queue is empty.
 
-        A worker holds one of the run's ``concurrency`` slots while a call executes; it takes
-        its next calls while the previous ones are being journaled, up to
-        ``CALLS_AHEAD_OF_JOURNAL``: at most that many times ``concurrency`` calls are ever
-        executed but not yet durable (what a crash can make run again). The script sees a
-        result only once it is durable (``_settle_call``).
+        A worker holds one of the run's ``concurrency`` slots while a call executes. It takes
+        its next call while the previous ones are being journaled, as long as the run has fewer
+        than ``CALLS_AHEAD_OF_JOURNAL`` times ``concurrency`` calls executed but not yet durable
+        (what a crash can make run again). The script sees a result only once it is durable
+        (``_settle_call``).
         """
         try:
             yielded = time.monotonic()
-            # This worker's latest calls: the oldest must be durable before the next starts.
-            latest: deque[LiveCall] = deque(maxlen=CALLS_AHEAD_OF_JOURNAL)
+            ahead = CALLS_AHEAD_OF_JOURNAL * self.options.concurrency
             while True:
                 if not self._queue:
                     # Park until the script asks for more (the run's end cancels this): a zero-
@@ -532,9 +545,10 @@ class Run:
                     await self._park()
                     yielded = time.monotonic()
                     continue
-                if len(latest) == latest.maxlen and not latest[0].delivered:
-                    await self._delivered(latest[0])
+                if self._unjournaled >= ahead:
+                    await self._wait_for_journal()
                     yielded = time.monotonic()
+                    continue
                 while not self._unpaused.is_set():
                     await self._unpaused.wait()
                 if not self._queue:
@@ -542,30 +556,33 @@ class Run:
                 _, call = heapq.heappop(self._queue)
                 if call.stop_requested:
                     continue  # stopped while queued: stop_agent settles it
-                self._executing += 1
+                self._busy += 1
                 try:
+                    self._start_workers()  # for the calls still queued, in case this one awaits
                     if call.cached_source is not None:
+                        self._start_workers(every=True)  # this one waits for its journal entry
                         value = await self._serve_cached(call, call.cached_source)
                         assert call.deliver is not None
                         call.deliver(True, value)
                         continue
                     if await self._run_call(call):
                         yielded = time.monotonic()  # it awaited: others ran meanwhile
+                    if (call.holds_slot and call.handled is not None and self._queue
+                            and self._queue[0][0] > call.priority
+                            and (call.finished_at or 0.0) - (call.started_at or 0.0) >= _HOLD_MIN_CALL_S):
+                        # Only items further behind are waiting: let the script start this item's
+                        # next stage (once it sees this result) before the slot goes to one of
+                        # them. Only after a call that took a while: the wait (a commit and a
+                        # slice) is then small beside it, while after near-instant calls it would
+                        # idle the slot.
+                        await self._delivered(call)
+                        if call.handled_event is not None:
+                            await call.handled_event.wait()
+                            call.handled_event = None
+                        yielded = time.monotonic()
                 finally:
-                    self._executing -= 1
-                latest.append(call)
-                if (call.holds_slot and call.handled is not None and self._queue and self._queue[0][0] > call.priority
-                        and (call.finished_at or 0.0) - (call.started_at or 0.0) >= _HOLD_MIN_CALL_S):
-                    # Only items further behind are waiting: let the script start this item's next
-                    # stage (once it sees this result) before the slot goes to one of them. Only
-                    # after a call that took a while: the wait (a commit and a slice) is then
-                    # small beside it, while after near-instant calls it would idle the slot.
-                    await self._delivered(call)
-                    if call.handled_event is not None:
-                        await call.handled_event.wait()
-                        call.handled_event = None
-                    yielded = time.monotonic()
-                elif time.monotonic() - yielded > _WORKER_TURN_S:
+                    self._busy -= 1
+                if time.monotonic() - yielded > _WORKER_TURN_S:
                     # Calls that answer without awaiting (zero-latency simulate) never yield.
                     await anyio.lowlevel.checkpoint()
                     yielded = time.monotonic()
@@ -580,6 +597,24 @@ class Run:
         finally:
             if parked in self._parked:  # cancelled while parked
                 self._parked.remove(parked)
+
+    async def _wait_for_journal(self) -> None:
+        """Wait until the run has room for another call ahead of its journal."""
+        room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._journal_room.append(room)
+        try:
+            await room
+        finally:
+            if room in self._journal_room:  # cancelled while waiting
+                self._journal_room.remove(room)
+
+    def _journaled(self) -> None:
+        self._unjournaled -= 1
+        if self._journal_room and self._unjournaled < CALLS_AHEAD_OF_JOURNAL * self.options.concurrency:
+            waiting, self._journal_room = self._journal_room, []
+            for room in waiting:
+                if not room.done():
+                    room.set_result(None)
 
     @staticmethod
     async def _delivered(call: LiveCall) -> None:
@@ -623,7 +658,7 @@ class Run:
                 call.scope = None  # the dispatcher opens one if the call awaits
                 self.events.emit(EventType.AGENT_STARTED, call.event_data())
                 outcome = await self.ctx.dispatcher.execute(
-                    backend, request, open_scope=call.open_scope,
+                    backend, request, open_scope=lambda: self._awaits(call),
                     on_retry=lambda attempt, error: self._on_retry(call, attempt, error),
                 )
                 awaited = awaited or call.scope is not None
@@ -639,6 +674,12 @@ class Run:
                 return awaited
         finally:
             call.scope = None
+
+    def _awaits(self, call: LiveCall) -> anyio.CancelScope:
+        """The dispatcher's scope for a call that awaits (see ``Dispatcher.execute``): the calls
+        queued behind it need workers of their own now."""
+        self._start_workers(every=True)
+        return call.open_scope()
 
     async def _stopped(self, call: LiveCall) -> None:
         """Journal a stopped call and hand the script its null, queued or running."""
@@ -713,6 +754,7 @@ class Run:
                 }
 
         def durable(error: BaseException | None) -> None:
+            self._journaled()
             if error is not None:
                 self._journal_failed(error)
             elif not call.status.terminal:  # else the run ended meanwhile and stopped it
@@ -726,6 +768,7 @@ class Run:
             if call.on_delivered is not None and not call.on_delivered.done():
                 call.on_delivered.set_result(None)
 
+        self._unjournaled += 1
         self.ctx.store.journal_call(call.record(self.id, status), durable)
 
     def _journal_failed(self, error: BaseException) -> None:

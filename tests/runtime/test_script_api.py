@@ -7,6 +7,7 @@ canned responses (``simulate.responses``) wherever a row depends on them.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import anyio
 import pytest
 import regex
 
-from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, load_settings, schema
+from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, SimulateBackend, load_settings, schema
+from runtime.backends import AgentRequest, AgentResult
 from runtime.engine import CHECKED_SCRIPT_CHARS, CHECKED_SCRIPTS
 from runtime.calls import default_label
 from runtime.errors import InvalidAgentState, ScriptRejected
@@ -638,6 +640,49 @@ return (await Promise.all([...first, ...second])).length"""
     assert record.result == 4
     first_finished = min(calls[label].finished_at or 0.0 for label in "ab")
     assert all((calls[label].started_at or 1e18) < first_finished for label in "cd")
+
+
+async def test_calls_that_await_all_start_at_once() -> None:
+    # Six calls queued together at concurrency 4: the first four run side by side (none waits
+    # for another to finish), the other two as slots free up.
+    script = "return (await parallel([0, 1, 2, 3, 4, 5].map((i) => () => agent(`call ${i}`, {label: `c${i}`})))).length"
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(
+                RunRequest(script=script, options={"concurrency": 4, "simulate": {"latency_ms": 300}})
+            )
+            record = await engine.wait(record.id)
+            calls = sorted(await engine.store.list_calls(record.id), key=lambda c: c.started_at or 0.0)
+    assert record.result == 6
+    first_finished = min(c.finished_at or 1e18 for c in calls)
+    assert [c.started_at is not None and c.started_at < first_finished for c in calls] == [True] * 4 + [False] * 2
+
+
+class TaskRecordingBackend(SimulateBackend):
+    """The simulate backend, noting which task executes each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def call(self, request: AgentRequest) -> AgentResult:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        return await super().call(request)
+
+
+async def test_a_burst_of_calls_that_answer_at_once_keeps_few_workers_busy() -> None:
+    # Calls that never await cannot run side by side: a worker for each of 64 slots would only
+    # be woken to find the queue empty again. Two take turns instead.
+    backend = TaskRecordingBackend()
+    script = "return (await parallel(Array.from({length: 300}, (_, i) => () => agent(`call ${i}`)))).length"
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), backends={"simulate": backend}, recover=False) as engine:
+            record = await engine.submit(RunRequest(script=script, options={"concurrency": 64}))
+            record = await engine.wait(record.id)
+    assert record.result == 300
+    assert 1 <= len(backend.tasks) <= 2
 
 
 async def test_a_follower_behind_when_the_run_ends_still_gets_every_event() -> None:
