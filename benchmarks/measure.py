@@ -108,5 +108,7 @@ def machine_info() -> dict[str, Any]:
         "packages": {name: _version(name) for name in PACKAGES},
         "git_commit": git_commit(),
         # Uncommitted changes to tracked files: the numbers describe the work tree, not the commit.
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # The benchmark's own output does not count: a previous run rewrote REPORT.md.
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                               ":(exclude)benchmarks/REPORT.md", ":(exclude)benchmarks/results")),
     }
