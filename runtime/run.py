@@ -531,9 +531,9 @@ class Run:
 
         A worker holds one of the run's ``concurrency`` slots while a call executes. It takes
         its next call while the previous ones are being journaled, as long as the run has fewer
-        than ``CALLS_AHEAD_OF_JOURNAL`` times ``concurrency`` calls executed but not yet durable
-        (what a crash can make run again). The script sees a result only once it is durable
-        (``_settle_call``).
+        than ``CALLS_AHEAD_OF_JOURNAL`` times ``concurrency`` calls executing or executed but not
+        yet durable (what a crash can make run again). The script sees a result only once it is
+        durable (``_settle_call``).
         """
         try:
             yielded = time.monotonic()
@@ -545,13 +545,13 @@ class Run:
                     await self._park()
                     yielded = time.monotonic()
                     continue
-                if self._unjournaled >= ahead:
+                if not self._unpaused.is_set():
+                    await self._unpaused.wait()
+                    continue
+                if self._unjournaled + self._busy >= ahead:
+                    # Calls executing count too: this is what a crash could make run again.
                     await self._wait_for_journal()
                     yielded = time.monotonic()
-                    continue
-                while not self._unpaused.is_set():
-                    await self._unpaused.wait()
-                if not self._queue:
                     continue
                 _, call = heapq.heappop(self._queue)
                 if call.stop_requested:
@@ -610,7 +610,7 @@ class Run:
 
     def _journaled(self) -> None:
         self._unjournaled -= 1
-        if self._journal_room and self._unjournaled < CALLS_AHEAD_OF_JOURNAL * self.options.concurrency:
+        if self._journal_room and self._unjournaled + self._busy < CALLS_AHEAD_OF_JOURNAL * self.options.concurrency:
             waiting, self._journal_room = self._journal_room, []
             for room in waiting:
                 if not room.done():

@@ -22,6 +22,7 @@ import regex
 from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, SimulateBackend, load_settings, schema
 from runtime.backends import AgentRequest, AgentResult
 from runtime.engine import CHECKED_SCRIPT_CHARS, CHECKED_SCRIPTS
+from runtime.run import CALLS_AHEAD_OF_JOURNAL
 from runtime.calls import default_label
 from runtime.errors import InvalidAgentState, ScriptRejected
 from runtime.store import SQLiteStore
@@ -683,6 +684,44 @@ async def test_a_burst_of_calls_that_answer_at_once_keeps_few_workers_busy() -> 
             record = await engine.wait(record.id)
     assert record.result == 300
     assert 1 <= len(backend.tasks) <= 2
+
+
+class HeldJournal(MemoryStore):
+    """A store whose journal entries stay uncommitted until ``release()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Any] = []
+
+    def journal_call(self, call: Any, done: Any) -> None:
+        self.held.append((call, done))
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for call, done in held:
+            super().journal_call(call, done)
+
+
+async def test_a_run_executes_at_most_its_window_ahead_of_the_journal() -> None:
+    # With no commit coming back, a run executes CALLS_AHEAD_OF_JOURNAL x concurrency calls (the
+    # most a crash could make run again) and waits; the rest run once the entries are durable.
+    # Calls that take a while: both slots execute at once, and both count.
+    store, backend = HeldJournal(), SimulateBackend()
+    script = "return (await parallel(Array.from({length: 40}, (_, i) => () => agent(`call ${i}`)))).length"
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), store, backends={"simulate": backend}, recover=False) as engine:
+            record = await engine.submit(
+                RunRequest(script=script, options={"concurrency": 2, "simulate": {"latency_ms": 20}})
+            )
+            while len(store.held) < CALLS_AHEAD_OF_JOURNAL * 2:
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.2)  # anything further would run now
+            assert backend.executions == len(store.held) == CALLS_AHEAD_OF_JOURNAL * 2
+            while not (await engine.get_run(record.id)).status == "completed":
+                store.release()
+                await anyio.sleep(0.01)
+            record = await engine.wait(record.id)
+    assert record.result == 40 and backend.executions == 40
 
 
 async def test_a_follower_behind_when_the_run_ends_still_gets_every_event() -> None:
