@@ -1,9 +1,10 @@
 """A run: one script's execution, its agents, its accounting and its controls.
 
 The :class:`Run` owns what the main script and a ``workflow()`` child share: the status, the
-agent counter and cap, the token budget, the queue of agent calls and its workers (at most
-``concurrency``), the pause gate, the journal lookups (crash recovery and ``resume_from``),
-phases, and every agent call. The script itself is driven by :class:`runtime.script.ScriptDriver`.
+agent counter and cap, the token budget, the queue of agent calls and its workers
+(:class:`runtime.scheduling.Workers`: at most ``concurrency``, the pause gate), the journal
+lookups (crash recovery and ``resume_from``), phases, and every agent call. The script itself is
+driven by :class:`runtime.script.ScriptDriver`.
 
 Agent calls flow: validate (cap, budget, schema, agentType) and look up the journal while the
 outbox is handled → queue, most urgent first → a worker takes it once the run is not paused →
@@ -14,9 +15,7 @@ to the script.
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import heapq
 import json
 import logging
 import time
@@ -38,7 +37,7 @@ from .events import EventLog, EventType
 from .journal import Occurrences, ResumePlan, call_key
 from .limits import Limits
 from .options import RunOptions
-from .scheduling import holds_slot, pipeline_hint, queue_priority
+from .scheduling import Workers, holds_slot, pipeline_hint, queue_priority
 from .schema import schema_problem
 from .state import AgentStatus, RunStatus, can_transition
 from .store import CallRecord, RunRecord, Store, WorkflowRecord
@@ -51,19 +50,9 @@ NO_PHASE = "(no phase)"
 MAX_PHASES = 1000
 TOO_MANY_PHASES = "(more phases)"
 PREVIEW_CHARS = 200
-# A worker whose calls finish without awaiting yields to the event loop after this long.
-_WORKER_TURN_S = 0.002
-# Calls a run may have executed but not yet journaled, per slot of its concurrency. Only calls
-# that finish faster than a commit ever get this far ahead, and re-running those after a crash
-# costs little; two per slot left the loop idle, waiting for commits, in bursts of near-instant
-# calls.
-CALLS_AHEAD_OF_JOURNAL = 8
 # How a call that has finished executing shows until its journal entry commits (it counts as
 # running: a live view never shows a result that a crash could still lose).
 _JOURNALING = "finished, its result being journaled"
-# A pipeline stage's call must take at least this long for its worker to hold the slot for the
-# item's next stage (see _worker).
-_HOLD_MIN_CALL_S = 0.005
 
 
 def _preview(value: Any) -> str:
@@ -126,17 +115,8 @@ class Run:
         self._next_index = first_index
         self.calls: dict[int, LiveCall] = {}
         self._occurrences = Occurrences()
-        self._queue: list[tuple[tuple[int, ...], LiveCall]] = []  # a heap, most urgent first
-        self._workers = 0
-        # Workers inside a call or holding their slot after one, as opposed to free to take one.
-        self._busy = 0
-        self._parked: list[asyncio.Future[None]] = []  # idle workers, waiting for the queue to fill
-        # Calls executed whose journal entry is not yet durable, and workers waiting for fewer.
-        self._unjournaled = 0
-        self._journal_room: list[asyncio.Future[None]] = []
+        self.workers = Workers(options.concurrency, self._serve)
         self._tg: TaskGroup | None = None
-        self._unpaused = anyio.Event()
-        self._unpaused.set()
         self._cancel_scope: anyio.CancelScope | None = None
         self._user_cancelled = False
         self._journal_error: BaseException | None = None
@@ -177,7 +157,7 @@ class Run:
             self._cancel_scope = scope
             with anyio.move_on_after(self.options.timeout_s) as deadline:
                 async with anyio.create_task_group() as tg:
-                    self._tg = tg  # the run's agent workers
+                    self._tg = self.workers.tg = tg  # the run's agent workers
                     driver = self._driver(self.body, args=self.record.args, has_args=self.record.has_args)
                     final = await driver.execute()
                     failure, result = final.failure, final.result
@@ -231,7 +211,7 @@ class Run:
         """
         self.archived = True
         self.calls = {}
-        self._queue = []
+        self.workers.queue = []
         self._occurrences = Occurrences()
         self._recovery = self._plan = None
         self.events.archive()
@@ -287,7 +267,7 @@ class Run:
     async def pause(self) -> None:
         if not can_transition(self.status, RunStatus.PAUSED):
             raise InvalidRunState(self.id, self.status.value, "pause")
-        self._unpaused = anyio.Event()
+        self.workers.pause()
         await self._set_status(RunStatus.PAUSED)
         self.events.emit(EventType.RUN_PAUSED, {})
 
@@ -295,7 +275,7 @@ class Run:
         if self.status is not RunStatus.PAUSED:
             raise InvalidRunState(self.id, self.status.value, "resume")
         await self._set_status(RunStatus.RUNNING)
-        self._unpaused.set()
+        self.workers.resume()
         self.events.emit(EventType.RUN_RESUMED, {})
 
     def cancel(self) -> None:
@@ -434,38 +414,11 @@ class Run:
         if planned is not None:
             call.cached_source = planned
             call.priority = (-(1 << 30), index)  # no agent runs: serve it before anything else
+            call.holds_slot = False
         else:
             self._count(call, None, AgentStatus.QUEUED)
             self.events.emit(EventType.AGENT_QUEUED, call.event_data(prompt_preview=_preview(prompt)))
-        heapq.heappush(self._queue, (call.priority, call))
-        self._start_workers()
-
-    def _start_workers(self, *, every: bool = False) -> None:
-        """Workers free to take queued calls: one, or with ``every`` one per queued call. Parked
-        ones first (waking one costs a fraction of starting a task), then new ones, at most
-        ``concurrency`` in all.
-
-        One is enough until a call awaits: calls that answer at once are then all served by the
-        worker that took the first, instead of waking one per call only to park it again. A
-        call that awaits asks for ``every`` (``_run_call``), so the calls queued behind it start
-        together, as they would have with a worker each from the start.
-        """
-        if self._tg is None or not self._queue:
-            return
-        free = self._workers - len(self._parked) - self._busy
-        wanted = min(len(self._queue), self.options.concurrency) if every else 1
-        while free < wanted:
-            if self._parked:
-                parked = self._parked.pop()
-                if parked.done():
-                    continue
-                parked.set_result(None)
-            elif self._workers < self.options.concurrency:
-                self._workers += 1
-                self._tg.start_soon(self._worker)
-            else:
-                return
-            free += 1
+        self.workers.push(call)
 
     def _validate(self, payload: dict[str, Any]) -> dict[str, str] | None:
         """The error for JS when the request cannot become an agent, else None (and count it)."""
@@ -526,104 +479,16 @@ class Run:
                                                                  recovered=False))
         return call.output
 
-    async def _worker(self) -> None:
-        """Serve queued calls, most urgent first, until the queue is empty.
-
-        A worker holds one of the run's ``concurrency`` slots while a call executes. It takes
-        its next call while the previous ones are being journaled, as long as the run has fewer
-        than ``CALLS_AHEAD_OF_JOURNAL`` times ``concurrency`` calls executing or executed but not
-        yet durable (what a crash can make run again). The script sees a result only once it is
-        durable (``_settle_call``).
-        """
-        try:
-            yielded = time.monotonic()
-            ahead = CALLS_AHEAD_OF_JOURNAL * self.options.concurrency
-            while True:
-                if not self._queue:
-                    # Park until the script asks for more (the run's end cancels this): a zero-
-                    # latency burst would otherwise start and end a task per few calls.
-                    await self._park()
-                    yielded = time.monotonic()
-                    continue
-                if not self._unpaused.is_set():
-                    await self._unpaused.wait()
-                    continue
-                if self._unjournaled + self._busy >= ahead:
-                    # Calls executing count too: this is what a crash could make run again.
-                    await self._wait_for_journal()
-                    yielded = time.monotonic()
-                    continue
-                _, call = heapq.heappop(self._queue)
-                if call.stop_requested:
-                    continue  # stopped while queued: stop_agent settles it
-                self._busy += 1
-                try:
-                    self._start_workers()  # for the calls still queued, in case this one awaits
-                    if call.cached_source is not None:
-                        self._start_workers(every=True)  # this one waits for its journal entry
-                        value = await self._serve_cached(call, call.cached_source)
-                        assert call.deliver is not None
-                        call.deliver(True, value)
-                        continue
-                    if await self._run_call(call):
-                        yielded = time.monotonic()  # it awaited: others ran meanwhile
-                    if (call.holds_slot and call.handled is not None and self._queue
-                            and self._queue[0][0] > call.priority
-                            and (call.finished_at or 0.0) - (call.started_at or 0.0) >= _HOLD_MIN_CALL_S):
-                        # Only items further behind are waiting: let the script start this item's
-                        # next stage (once it sees this result) before the slot goes to one of
-                        # them. Only after a call that took a while: the wait (a commit and a
-                        # slice) is then small beside it, while after near-instant calls it would
-                        # idle the slot.
-                        await self._delivered(call)
-                        if call.handled_event is not None:
-                            await call.handled_event.wait()
-                            call.handled_event = None
-                        yielded = time.monotonic()
-                finally:
-                    self._busy -= 1
-                if time.monotonic() - yielded > _WORKER_TURN_S:
-                    # Calls that answer without awaiting (zero-latency simulate) never yield.
-                    await anyio.lowlevel.checkpoint()
-                    yielded = time.monotonic()
-        finally:
-            self._workers -= 1
-
-    async def _park(self) -> None:
-        parked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._parked.append(parked)
-        try:
-            await parked
-        finally:
-            if parked in self._parked:  # cancelled while parked
-                self._parked.remove(parked)
-
-    async def _wait_for_journal(self) -> None:
-        """Wait until the run has room for another call ahead of its journal."""
-        room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._journal_room.append(room)
-        try:
-            await room
-        finally:
-            if room in self._journal_room:  # cancelled while waiting
-                self._journal_room.remove(room)
-
-    def _journaled(self) -> None:
-        self._unjournaled -= 1
-        if self._journal_room and self._unjournaled + self._busy < CALLS_AHEAD_OF_JOURNAL * self.options.concurrency:
-            waiting, self._journal_room = self._journal_room, []
-            for room in waiting:
-                if not room.done():
-                    room.set_result(None)
-
-    @staticmethod
-    async def _delivered(call: LiveCall) -> None:
-        if not call.delivered:
-            if call.on_delivered is None:
-                # A bare future: an anyio.Event costs several times more, and this runs per call
-                # when calls answer without awaiting. The store needs asyncio anyway.
-                call.on_delivered = asyncio.get_running_loop().create_future()
-            await call.on_delivered
+    async def _serve(self, call: LiveCall) -> bool:
+        """Serve a call a worker took: from the resume source, or by executing it. Whether it
+        awaited (see ``Workers``)."""
+        if call.cached_source is not None:
+            self.workers.start(every=True)  # this one waits for its journal entry
+            value = await self._serve_cached(call, call.cached_source)
+            assert call.deliver is not None
+            call.deliver(True, value)
+            return True
+        return await self._run_call(call)
 
     async def _run_call(self, call: LiveCall) -> bool:
         """Execute (again on restart), then settle; the worker holds the run's slot throughout.
@@ -678,7 +543,7 @@ class Run:
     def _awaits(self, call: LiveCall) -> anyio.CancelScope:
         """The dispatcher's scope for a call that awaits (see ``Dispatcher.execute``): the calls
         queued behind it need workers of their own now."""
-        self._start_workers(every=True)
+        self.workers.start(every=True)
         return call.open_scope()
 
     async def _stopped(self, call: LiveCall) -> None:
@@ -754,7 +619,7 @@ class Run:
                 }
 
         def durable(error: BaseException | None) -> None:
-            self._journaled()
+            self.workers.journaled()
             if error is not None:
                 self._journal_failed(error)
             elif not call.status.terminal:  # else the run ended meanwhile and stopped it
@@ -768,7 +633,7 @@ class Run:
             if call.on_delivered is not None and not call.on_delivered.done():
                 call.on_delivered.set_result(None)
 
-        self._unjournaled += 1
+        self.workers.journaling()
         self.ctx.store.journal_call(call.record(self.id, status), durable)
 
     def _journal_failed(self, error: BaseException) -> None:

@@ -1,23 +1,50 @@
-"""Who runs next: the order of a run's queue, and a limiter that serves the most urgent first.
+"""Who runs next: a run's queue and its workers, and a limiter that serves the most urgent first.
 
 A run queues its calls by ``queue_priority``: later pipeline stages first, then lower items,
 then issue order; ``holds_slot`` says which pipeline calls keep their slot for the item's next
-stage (``runtime.run`` does the queueing and the holding). ``PriorityLimiter`` is the
-dispatcher's server-wide agent limit: ``try_acquire`` takes a free slot without awaiting (the
-common case costs no task switch), and waiters are served by priority, FIFO among equals.
-Priorities are tuples; smaller is more urgent.
+stage. :class:`Workers` serves a run's queue (at most ``concurrency`` calls at once, a pause
+gate, and a window of calls ahead of the journal). ``PriorityLimiter`` is the dispatcher's
+server-wide agent limit: ``try_acquire`` takes a free slot without awaiting (the common case
+costs no task switch), and waiters are served by priority, FIFO among equals. Priorities are
+tuples; smaller is more urgent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
+from anyio.abc import TaskGroup
 
-__all__ = ["PriorityLimiter", "PriorityLimiterStatistics", "holds_slot", "pipeline_hint", "queue_priority"]
+from .calls import LiveCall
+
+__all__ = [
+    "CALLS_AHEAD_OF_JOURNAL",
+    "PriorityLimiter",
+    "PriorityLimiterStatistics",
+    "Workers",
+    "holds_slot",
+    "pipeline_hint",
+    "queue_priority",
+]
+
+# Calls a run may have executing or executed but not yet journaled, per slot of its
+# concurrency. Only calls that finish faster than a commit ever get this far ahead, and
+# re-running those after a crash costs little; two per slot left the loop idle, waiting for
+# commits, in bursts of near-instant calls.
+CALLS_AHEAD_OF_JOURNAL = 8
+# A worker whose calls finish without awaiting yields to the event loop after this long.
+_WORKER_TURN_S = 0.002
+# A pipeline stage's call must take at least this long for its worker to hold the slot for the
+# item's next stage (see Workers._worker).
+_HOLD_MIN_CALL_S = 0.005
 
 
 def pipeline_hint(hint: Any) -> tuple[int, int, int] | None:
@@ -107,3 +134,150 @@ class PriorityLimiter:
             borrowed_tokens=self._borrowed,
             tasks_waiting=len(self._waiting) - self._abandoned,
         )
+
+
+class Workers:
+    """A run's queue of agent calls and the workers that serve it, most urgent first.
+
+    At most ``concurrency`` workers, each holding one of the run's slots while its call
+    executes (``serve``, which returns whether the call awaited). One worker is kept free while
+    calls answer at once: it serves a whole burst, where a worker per queued call would only be
+    woken to find the queue empty again. When a call awaits, ``start(every=True)`` gives each
+    call still queued a worker, so calls with latency start together.
+
+    A worker takes its next call while the previous ones are being journaled (``journaling``,
+    then ``journaled`` once durable), as long as the run has fewer than
+    ``CALLS_AHEAD_OF_JOURNAL`` times ``concurrency`` calls executing or executed but not yet
+    durable: what a crash can make run again. ``pause`` stops workers from taking calls.
+    """
+
+    def __init__(self, concurrency: int, serve: Callable[[LiveCall], Awaitable[bool]]) -> None:
+        self.concurrency = concurrency
+        self._serve = serve
+        self._window = CALLS_AHEAD_OF_JOURNAL * concurrency
+        self.queue: list[tuple[tuple[int, ...], LiveCall]] = []  # a heap, most urgent first
+        self.tg: TaskGroup | None = None  # set by the run while it is driven
+        self._workers = 0
+        # Workers inside a call or holding their slot after one, as opposed to free to take one.
+        self._busy = 0
+        self._parked: list[asyncio.Future[None]] = []  # idle workers, waiting for the queue to fill
+        # Calls executed whose journal entry is not yet durable, and workers waiting for fewer.
+        self._unjournaled = 0
+        self._journal_room: list[asyncio.Future[None]] = []
+        self._unpaused = anyio.Event()
+        self._unpaused.set()
+
+    def push(self, call: LiveCall) -> None:
+        heapq.heappush(self.queue, (call.priority, call))
+        self.start()
+
+    def pause(self) -> None:
+        if self._unpaused.is_set():
+            self._unpaused = anyio.Event()
+
+    def resume(self) -> None:
+        self._unpaused.set()
+
+    def journaling(self) -> None:
+        """A call has executed; its journal entry is on its way."""
+        self._unjournaled += 1
+
+    def journaled(self) -> None:
+        """A journal entry is durable (or failed): room for another call ahead of the journal."""
+        self._unjournaled -= 1
+        if self._journal_room and self._unjournaled + self._busy < self._window:
+            waiting, self._journal_room = self._journal_room, []
+            for room in waiting:
+                if not room.done():
+                    room.set_result(None)
+
+    def start(self, *, every: bool = False) -> None:
+        """Workers free to take queued calls: one, or with ``every`` one per queued call. Parked
+        ones first (waking one costs a fraction of starting a task), then new ones."""
+        if self.tg is None or not self.queue:
+            return
+        free = self._workers - len(self._parked) - self._busy
+        wanted = min(len(self.queue), self.concurrency) if every else 1
+        while free < wanted:
+            if self._parked:
+                parked = self._parked.pop()
+                if parked.done():
+                    continue
+                parked.set_result(None)
+            elif self._workers < self.concurrency:
+                self._workers += 1
+                self.tg.start_soon(self._worker)
+            else:
+                return
+            free += 1
+
+    async def _worker(self) -> None:
+        """Serve queued calls until the queue is empty, then park until it fills again."""
+        try:
+            yielded = time.monotonic()
+            while True:
+                if not self.queue:
+                    # Park until the script asks for more (the run's end cancels this): a zero-
+                    # latency burst would otherwise start and end a task per few calls.
+                    await _wait_in(self._parked)
+                    yielded = time.monotonic()
+                    continue
+                if not self._unpaused.is_set():
+                    await self._unpaused.wait()
+                    continue
+                if self._unjournaled + self._busy >= self._window:
+                    # Calls executing count too: this is what a crash could make run again.
+                    await _wait_in(self._journal_room)
+                    yielded = time.monotonic()
+                    continue
+                _, call = heapq.heappop(self.queue)
+                if call.stop_requested:
+                    continue  # stopped while queued: the run settles it
+                self._busy += 1
+                try:
+                    self.start()  # for the calls still queued, in case this one awaits
+                    if await self._serve(call):
+                        yielded = time.monotonic()  # it awaited: others ran meanwhile
+                    if (call.holds_slot and call.handled is not None and self.queue
+                            and self.queue[0][0] > call.priority
+                            and (call.finished_at or 0.0) - (call.started_at or 0.0) >= _HOLD_MIN_CALL_S):
+                        # Only items further behind are waiting: let the script start this item's
+                        # next stage (once it sees this result) before the slot goes to one of
+                        # them. Only after a call that took a while: the wait (a commit and a
+                        # slice) is then small beside it, while after near-instant calls it would
+                        # idle the slot.
+                        await _delivered(call)
+                        if call.handled_event is not None:
+                            await call.handled_event.wait()
+                            call.handled_event = None
+                        yielded = time.monotonic()
+                finally:
+                    self._busy -= 1
+                if time.monotonic() - yielded > _WORKER_TURN_S:
+                    # Calls that answer without awaiting (zero-latency simulate) never yield.
+                    await anyio.lowlevel.checkpoint()
+                    yielded = time.monotonic()
+        finally:
+            self._workers -= 1
+
+
+async def _wait_in(waiters: list[asyncio.Future[None]]) -> None:
+    """Wait on a future added to ``waiters`` until whoever takes it from there resolves it.
+
+    A bare future: an anyio.Event costs several times more, and workers wait once per burst."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiters.append(future)
+    try:
+        await future
+    finally:
+        if future in waiters:  # cancelled while waiting
+            waiters.remove(future)
+
+
+async def _delivered(call: LiveCall) -> None:
+    """Wait until the script has been handed the call's result (its journal entry is durable)."""
+    if not call.delivered:
+        if call.on_delivered is None:
+            # A bare future, resolved by the run's journal callback (see Run._settle_call).
+            call.on_delivered = asyncio.get_running_loop().create_future()
+        await call.on_delivered

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from runtime.run import CALLS_AHEAD_OF_JOURNAL
+from runtime.scheduling import CALLS_AHEAD_OF_JOURNAL
 
 from .conftest import QuickflowServer
 

@@ -22,7 +22,7 @@ import regex
 from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, SimulateBackend, load_settings, schema
 from runtime.backends import AgentRequest, AgentResult
 from runtime.engine import CHECKED_SCRIPT_CHARS, CHECKED_SCRIPTS
-from runtime.run import CALLS_AHEAD_OF_JOURNAL
+from runtime.scheduling import CALLS_AHEAD_OF_JOURNAL
 from runtime.calls import default_label
 from runtime.errors import InvalidAgentState, ScriptRejected
 from runtime.store import SQLiteStore
