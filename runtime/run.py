@@ -242,10 +242,15 @@ class Run:
             "failures": list(self.failures),
         }
 
-    async def _set_status(self, status: RunStatus, **changes: Any) -> None:
+    async def _set_status(self, status: RunStatus, *, event: EventType | None = None, **changes: Any) -> None:
+        """Change the status, tell followers (``event``), then save the record. Everything but
+        the save happens at once: a control that comes in while it is saved sees the new status.
+        The event is committed with the record or before it, never after."""
         self.status = status
         self.record = replace(self.record, status=status.value, **changes)
         self.record = replace(self.record, usage=self.summary())  # its duration needs the new timestamps
+        if event is not None:
+            self.events.emit(event, {})
         await self.ctx.store.save_run(self.record)
 
     def _driver(self, body: str, *, args: Any, has_args: bool, depth: int = 0, group: str | None = None) -> Any:
@@ -268,15 +273,13 @@ class Run:
         if not can_transition(self.status, RunStatus.PAUSED):
             raise InvalidRunState(self.id, self.status.value, "pause")
         self.workers.pause()
-        await self._set_status(RunStatus.PAUSED)
-        self.events.emit(EventType.RUN_PAUSED, {})
+        await self._set_status(RunStatus.PAUSED, event=EventType.RUN_PAUSED)
 
     async def resume(self) -> None:
         if self.status is not RunStatus.PAUSED:
             raise InvalidRunState(self.id, self.status.value, "resume")
-        await self._set_status(RunStatus.RUNNING)
         self.workers.resume()
-        self.events.emit(EventType.RUN_RESUMED, {})
+        await self._set_status(RunStatus.RUNNING, event=EventType.RUN_RESUMED)
 
     def cancel(self) -> None:
         if self.status.terminal:

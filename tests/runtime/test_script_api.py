@@ -724,6 +724,40 @@ async def test_a_run_executes_at_most_its_window_ahead_of_the_journal() -> None:
     assert record.result == 40 and backend.executions == 40
 
 
+class SlowRunSaves(MemoryStore):
+    """A store whose run records take a while to save, as they do through SQLite's writer."""
+
+    async def save_run(self, run: RunRecord) -> None:
+        await anyio.sleep(0.02)
+        await super().save_run(run)
+
+
+async def test_a_pause_that_lands_while_a_resume_is_saved_keeps_the_run_paused() -> None:
+    # resume() and pause() each wait for the run's record to be saved: a pause that comes in
+    # meanwhile must leave the run paused for good, not show "paused" while calls keep starting.
+    backend = SimulateBackend()
+    script = "return (await parallel(Array.from({length: 8}, (_, i) => () => agent(`call ${i}`)))).length"
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), SlowRunSaves(), backends={"simulate": backend}, recover=False) as engine:
+            record = await engine.submit(
+                RunRequest(script=script, options={"concurrency": 2, "simulate": {"latency_ms": 150}})
+            )
+            await anyio.sleep(0.1)
+            await engine.pause(record.id)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(engine.resume, record.id)
+                await anyio.sleep(0.005)
+                tg.start_soon(engine.pause, record.id)
+            await anyio.sleep(0.2)  # calls started in the 5 ms the gate was open have ended
+            executed = backend.executions
+            await anyio.sleep(0.4)
+            assert (await engine.get_run(record.id)).status == "paused"
+            assert backend.executions == executed, "calls started while the run showed paused"
+            await engine.resume(record.id)
+            record = await engine.wait(record.id)
+    assert record.status == "completed" and record.result == 8
+
+
 async def test_a_follower_behind_when_the_run_ends_still_gets_every_event() -> None:
     # An ended run hands its events over to the store; a follower that was still working through
     # them must carry on from the store, up to run.completed.
