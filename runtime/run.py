@@ -25,7 +25,6 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import TaskGroup
 
 from sandbox import Isolate, IsolateLimits, ScriptFailure, check_script
 
@@ -116,7 +115,6 @@ class Run:
         self.calls: dict[int, LiveCall] = {}
         self._occurrences = Occurrences()
         self.workers = Workers(options.concurrency, self._serve)
-        self._tg: TaskGroup | None = None
         self._cancel_scope: anyio.CancelScope | None = None
         self._user_cancelled = False
         self._journal_error: BaseException | None = None
@@ -157,7 +155,7 @@ class Run:
             self._cancel_scope = scope
             with anyio.move_on_after(self.options.timeout_s) as deadline:
                 async with anyio.create_task_group() as tg:
-                    self._tg = self.workers.tg = tg  # the run's agent workers
+                    self.workers.tg = tg  # the run's agent workers
                     driver = self._driver(self.body, args=self.record.args, has_args=self.record.has_args)
                     final = await driver.execute()
                     failure, result = final.failure, final.result
@@ -301,8 +299,8 @@ class Run:
         if call.finished_at is not None:
             raise InvalidAgentState(self.id, index, _JOURNALING, "stop", "queued or running")
         call.stop_requested = True
-        if call.status is AgentStatus.QUEUED and self._tg is not None:
-            self._tg.start_soon(self._stopped, call)  # still in the queue: resolve it now
+        if call.status is AgentStatus.QUEUED and self.workers.tg is not None:
+            self.workers.tg.start_soon(self._stopped, call)  # still in the queue: resolve it now
         elif call.scope is not None:
             call.scope.cancel()
 
