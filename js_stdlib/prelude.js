@@ -59,8 +59,9 @@
   function qf$push(kind, id, payload) { outbox.push([kind, id, payload]); }
 
   // The newest request's promise and its waiter, for parallel(): a thunk that returns exactly
-  // that promise gets its result through `listener`, called by settle() itself. A then() would
-  // cost a job per result, and the host pays for every job (the engine runs one per call).
+  // that promise gets its result through `listener(at, ok, value)`, called by settle() itself. A
+  // then() would cost a job per result, and the host pays for every job (the engine runs one
+  // per call). `at` (an index) lets one listener serve a whole parallel() or pipeline stage.
   let newestPromise = null;
   let newestWaiter = null;
   const qf$settled = (() => { const { promise, resolve } = qf$resolvers(); resolve(); return promise; })();
@@ -68,7 +69,7 @@
   function qf$request(kind, payload) {
     const id = nextId++;
     const { promise, resolve, reject } = qf$resolvers();
-    const waiter = { resolve, reject, listener: null, settled: false };
+    const waiter = { resolve, reject, listener: null, at: 0, settled: false };
     pending[id] = waiter;
     qf$push(kind, id, payload);
     newestPromise = promise;
@@ -76,12 +77,14 @@
     return promise;
   }
 
-  // Registers `listener(ok, value)` for `promise` if it is the newest request, still pending
-  // and not yet listened to; false otherwise (the caller uses then()). settle() calls a batch's
-  // listeners in one job, after the reactions the script attached to those promises itself.
-  function qf$listen(promise, listener) {
+  // Registers `listener(at, ok, value)` for `promise` if it is the newest request, still
+  // pending and not yet listened to; false otherwise (the caller uses then()). settle() calls a
+  // batch's listeners in one job, after the reactions the script attached to those promises
+  // itself.
+  function qf$listen(promise, listener, at) {
     if (newestWaiter === null || promise !== newestPromise || newestWaiter.settled || newestWaiter.listener !== null) return false;
     newestWaiter.listener = listener;
+    newestWaiter.at = at;
     return true;
   }
 
@@ -252,28 +255,31 @@
     if (stop) return Promise.reject(stop);
     // A counter, not Promise.all over async functions: one then() per thunk is about half the
     // engine work (and memory) of an async frame plus an await per thunk, for thousands of them.
+    // One listener for every slot: closures per thunk only where a thunk returns something
+    // else than its agent() promise.
     const count = thunks.length;
     const results = new Array(count);
     let remaining = count;
     let finish;
     const all = new Promise(function qf$executor(resolve) { finish = resolve; });
-    const qf$settle = (i, value) => {
+    const qf$slot = (i, ok, value) => {
+      if (!ok) {
+        qf$failure(`parallel[${i}] failed: ${qf$message(value)}`);
+        value = null;
+      }
       results[i] = value;
       if (--remaining === 0) finish(results);
     };
     for (let i = 0; i < count; i++) {
-      const qf$failed = (err) => {
-        qf$failure(`parallel[${i}] failed: ${qf$message(err)}`);
-        qf$settle(i, null);
-      };
-      const qf$fulfilled = (value) => { qf$settle(i, value); };
       try {
         const pending = thunks[i]();
-        if (!qf$listen(pending, (ok, value) => (ok ? qf$fulfilled(value) : qf$failed(value)))) {
-          Promise.resolve(pending).then(qf$fulfilled, qf$failed);
+        if (!qf$listen(pending, qf$slot, i)) {
+          const qf$fulfilled = (value) => qf$slot(i, true, value);
+          const qf$rejected = (err) => qf$slot(i, false, err);
+          Promise.resolve(pending).then(qf$fulfilled, qf$rejected);
         }
       } catch (err) {
-        qf$failed(err);
+        qf$slot(i, false, err);
       }
     }
     return all;
@@ -292,8 +298,10 @@
         'pipeline() expects stage functions after the items: pipeline(items, (item) => agent(...), ...)'));
     }
     // Each item advances stage by stage through callbacks, not an async function: a stage's
-    // agent() result then reaches the next stage without a promise job each (see qf$listen).
+    // agent() result then reaches the next stage without a promise job each (see qf$listen),
+    // through one listener per stage for every item.
     const results = new Array(items.length);
+    const kept = new Array(items.length); // each item as pipeline() read it
     let remaining = 1; // the launch below holds one count until every item has started
     let finish;
     const all = new Promise(function qf$executor(resolve) { finish = resolve; });
@@ -301,38 +309,47 @@
       results[i] = value;
       if (--remaining === 0) finish(results);
     };
-    const qf$advance = (item, i, s, value) => {
+    const qf$failed = (i, err) => {
+      qf$failure(`pipeline[${i}] failed: ${qf$message(err)}`);
+      qf$done(i, null);
+    };
+    const qf$advance = (i, s, value) => {
       if (s === stages.length) return qf$done(i, value);
-      const qf$failed = (err) => {
-        qf$failure(`pipeline[${i}] failed: ${qf$message(err)}`);
-        qf$done(i, null);
-      };
       // Agents started synchronously by this stage carry [stage, item] so the host can let
       // items stream through: later stages first, then lower item indices.
       const outer = currentPriority;
       currentPriority = [s, i, stages.length];
       let pending;
       try {
-        pending = stages[s](value, item, i);
+        pending = stages[s](value, kept[i], i);
       } catch (err) {
         currentPriority = outer;
-        return qf$failed(err);
+        return qf$failed(i, err);
       }
       currentPriority = outer;
-      const qf$next = (next) => (next === null ? qf$done(i, null) : qf$advance(item, i, s + 1, next));
+      const next = stageDone[s];
       try {
-        if (!qf$listen(pending, (ok, next) => (ok ? qf$next(next) : qf$failed(next)))) {
-          Promise.resolve(pending).then(qf$next, qf$failed);
+        if (!qf$listen(pending, next, i)) {
+          const qf$fulfilled = (result) => next(i, true, result);
+          const qf$rejected = (err) => next(i, false, err);
+          Promise.resolve(pending).then(qf$fulfilled, qf$rejected);
         }
       } catch (err) {
-        qf$failed(err);
+        qf$failed(i, err);
       }
     };
+    // stageDone[s](i, ok, value): item i's stage s has its result.
+    const stageDone = stages.map((_, s) => function qf$stageDone(i, ok, value) {
+      if (!ok) return qf$failed(i, value);
+      if (value === null) return qf$done(i, null);
+      qf$advance(i, s + 1, value);
+    });
     // map(), as before: the length is read once and holes are skipped (their results stay
     // undefined, which is null in JSON).
     items.map((item, i) => {
       remaining++;
-      qf$advance(item, i, 0, item);
+      kept[i] = item;
+      qf$advance(i, 0, item);
     });
     if (--remaining === 0) finish(results);
     return all;
@@ -488,7 +505,7 @@
       else waiter.reject(outcome);
       if (waiter.listener !== null) {
         if (listeners === null) listeners = [];
-        listeners.push(waiter.listener, ok, outcome);
+        listeners.push(waiter.listener, waiter.at, ok, outcome);
       }
     }
     if (listeners !== null) {
@@ -496,7 +513,9 @@
       // promises itself, so those run first, as they would with then().
       const batchListeners = listeners;
       qf$settled.then(function qf$listeners() {
-        for (let k = 0; k < batchListeners.length; k += 3) batchListeners[k](batchListeners[k + 1], batchListeners[k + 2]);
+        for (let k = 0; k < batchListeners.length; k += 4) {
+          batchListeners[k](batchListeners[k + 1], batchListeners[k + 2], batchListeners[k + 3]);
+        }
       });
     }
   }
