@@ -31,9 +31,12 @@ class Checkpointer:
     never finds the WAL complete, which a restart needs), also if this thread is gone.
     """
 
-    def __init__(self, path: str, connect: Callable[[], sqlite3.Connection]) -> None:
+    def __init__(
+        self, path: str, connect: Callable[[], sqlite3.Connection], on_checkpoint: Callable[[], None] | None = None
+    ) -> None:
         self._path = path  # for log messages
         self._connect = connect
+        self._on_checkpoint = on_checkpoint
         self._wanted = threading.Event()
         self._stopping = threading.Event()
         self.checkpoints = 0
@@ -64,6 +67,8 @@ class Checkpointer:
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     self.checkpoints += 1
+                    if self._on_checkpoint is not None:
+                        self._on_checkpoint()
                 except sqlite3.Error as exc:
                     logger.warning("store: checkpointing %s failed: %s", self._path, exc)
                 self._stopping.wait(CHECKPOINT_INTERVAL_S)

@@ -1,6 +1,6 @@
 """The store's tables as SQL, and how records become rows and rows records again.
 
-Rows are encoded by the writer thread (see ``_sqlite``): JSON columns with orjson, events as one
+Rows are encoded by the writer process (see ``_writer``): JSON columns with orjson, events as one
 batch row per run and group commit. Several rows go in as one multi-row ``INSERT`` of a few
 fixed shapes (``insert_rows``), so a group costs a handful of statements whatever its size.
 """
@@ -53,9 +53,9 @@ def multi_row(sql: str, rows: int) -> str:
 
 
 def dumps(value: Any) -> str:
-    # orjson encodes a journal entry several times faster than the json module, and the writer
-    # thread encodes under the GIL, competing with the event loop. It refuses what JSON from a
-    # script never holds (integers past 64 bits, non-string keys): those take the slow road.
+    # orjson encodes a journal entry several times faster than the json module. It refuses what
+    # JSON from a script never holds (integers past 64 bits, non-string keys): those take the
+    # slow road.
     try:
         return orjson.dumps(value).decode()
     except TypeError:
@@ -120,16 +120,18 @@ def run_from_row(row: Row) -> RunRecord:
     )  # fmt: skip
 
 
-def call_rows(calls: Sequence[CallRecord]) -> list[Row]:
-    return [call_params(c) for c in calls]
-
-
-def call_params(c: CallRecord) -> Row:
+def call_fields(c: CallRecord) -> Row:
+    """A journal entry as it travels to the writer process: ``CALL_COLUMNS`` order, not yet
+    encoded (a tuple pickles several times faster than the record)."""
     return (
-        c.run_id, c.index, c.key, c.occurrence, c.status, c.prompt, dumps(c.options), c.label, c.phase,
-        dumps(c.output), dumps(c.usage), c.cost_usd, c.model, c.attempts, c.queued_at, c.started_at,
-        c.finished_at, c.error, dumps(c.transcript),
+        c.run_id, c.index, c.key, c.occurrence, c.status, c.prompt, c.options, c.label, c.phase, c.output,
+        c.usage, c.cost_usd, c.model, c.attempts, c.queued_at, c.started_at, c.finished_at, c.error, c.transcript,
     )  # fmt: skip
+
+
+def call_row(f: Row) -> Row:
+    """``call_fields`` with its JSON columns encoded: the row the writer inserts."""
+    return (*f[:6], dumps(f[6]), *f[7:9], dumps(f[9]), dumps(f[10]), *f[11:18], dumps(f[18]))
 
 
 def call_from_row(row: Row) -> CallRecord:
@@ -141,20 +143,25 @@ def call_from_row(row: Row) -> CallRecord:
     )  # fmt: skip
 
 
-def event_batch_rows(events: Sequence[EventRecord]) -> list[Row]:
-    """One row per run: its events of this group, in order, as one JSON array of
-    ``[seq, ts, type, data]``. Raises ValueError if a run's seqs do not increase, so that the
-    group is written again event by event and only the event out of order fails (the table's
-    trigger refuses a batch that does not start after the run's last stored event)."""
+def event_fields(e: EventRecord) -> Row:
+    """An event as it travels to the writer process."""
+    return (e.run_id, e.seq, e.ts, e.type, e.data)
+
+
+def event_batch_rows(events: Sequence[Row]) -> list[Row]:
+    """One row per run from ``event_fields`` tuples: its events of this group, in order, as one
+    JSON array of ``[seq, ts, type, data]``. Raises ValueError if a run's seqs do not increase,
+    so that the group is written again event by event and only the event out of order fails
+    (the table's trigger refuses a batch that does not start after the run's last stored event)."""
     by_run: dict[str, list[list[Any]]] = {}
-    for e in events:
-        batch = by_run.get(e.run_id)
+    for run_id, seq, ts, type_, data in events:
+        batch = by_run.get(run_id)
         if batch is None:
-            by_run[e.run_id] = [[e.seq, e.ts, e.type, e.data]]
-        elif e.seq > batch[-1][0]:
-            batch.append([e.seq, e.ts, e.type, e.data])
+            by_run[run_id] = [[seq, ts, type_, data]]
+        elif seq > batch[-1][0]:
+            batch.append([seq, ts, type_, data])
         else:
-            raise ValueError(f"run {e.run_id}: event seq {e.seq} after {batch[-1][0]}")
+            raise ValueError(f"run {run_id}: event seq {seq} after {batch[-1][0]}")
     return [(run_id, batch[0][0], batch[-1][0], dumps(batch)) for run_id, batch in by_run.items()]
 
 

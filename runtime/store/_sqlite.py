@@ -1,59 +1,65 @@
-"""The embedded durable store: one SQLite file in WAL mode, one writer thread, group commit.
+"""The embedded durable store: one SQLite file in WAL mode, one writer process, group commit.
 
 Concurrency design
 ------------------
-* **One writer.** The store owns exactly one writer thread and one write connection. Run and
-  workflow writes become a ``_Write`` on a FIFO ``queue.Queue``; events and journal entries
-  (``append_events``, ``save_call``, ``journal_call``) gather in pending lists, and only the first
-  one after the writer's last take wakes it (at the end of the loop turn, or at once when a batch
-  fills). The writer takes the first queued write plus everything else queued at that moment,
-  then the pending lists, and runs the whole group in ONE ``BEGIN IMMEDIATE … COMMIT`` (group
-  commit): a thousand agents' events and journal entries cost a handful of commits, not thousands.
+* **One writer, in a process of its own** (``_writer``). Every write goes to it over a pipe, in
+  order: run and workflow writes, events (``append_events``) and journal entries
+  (``save_call``, ``journal_call``). Events and entries gather in pending lists and go over once
+  per event-loop turn (at once when a burst of entries fills a batch), as tuples in one pickle;
+  the writer encodes them and commits everything that has arrived in ONE ``BEGIN IMMEDIATE …
+  COMMIT`` (group commit). Its own GIL is the point: the writer thread this replaced waited a
+  switch interval for the GIL between SQLite's steps while the loop was busy, so its commits
+  took 20-35 ms for 5 ms of work and the runs waited for them.
 * **Completion.** ``append_events`` returns at once. Awaited writes wait for an asyncio future,
-  ``journal_call`` for a callback; the writer resolves a group's waiters (one
-  ``loop.call_soon_threadsafe`` per group) only after the COMMIT that included them. Pending
-  entries are taken after the queue, so an awaited write returning also means every write queued
-  or pending before it (events included) has been committed.
-* **Errors.** If one write of a group fails, the group is rolled back and replayed one write per
-  transaction, so only the faulty write fails; its awaiting caller gets the exception. A failing
-  ``append_events`` batch has no caller left to tell: it is logged and counted in
-  :meth:`SQLiteStore.statistics`. If BEGIN or COMMIT itself fails, every caller of the group gets
-  the error. The writer keeps running either way.
-* **Encoding in the writer.** Records are encoded to rows (JSON with orjson) by the writer
-  thread, keeping that work off the event loop; callers hand over records they no longer change.
-  An unencodable value fails its own write only (see Errors).
+  ``journal_call`` for a callback; they are resolved when the writer's answer for their group
+  arrives, so only after the COMMIT that included them. Pending events and entries are sent
+  before the writes queued with them, so an awaited write returning also means every write
+  queued or pending before it (events included) has been committed.
+* **Errors.** If one write of a group fails, the writer rolls the group back and replays it one
+  write per transaction, so only the faulty write fails; its awaiting caller gets the exception
+  (rebuilt here from its type and message). A failing ``append_events`` batch has no caller
+  left to tell: its events are logged and counted in :meth:`SQLiteStore.statistics`. If BEGIN
+  or COMMIT itself fails, every caller of the group gets the error. If the writer process dies,
+  every write waiting fails and later ones raise: the service cannot keep its promise without it.
+* **Encoding in the writer.** Records cross as plain tuples (``_rows.call_fields``) and are
+  encoded to rows (JSON with orjson) by the writer; callers hand over records they no longer
+  change. An unencodable value fails its own write only (see Errors).
 * **Events in batches.** A group's events become one ``event_batches`` row per run: a JSON array
-  of that run's events, encoded in one call. Events are three rows in four of a busy run, and one
-  row each cost the writer more than the journal entries. A run's seqs must increase (its
-  ``EventLog`` numbers them so): an event whose seq does not follow the run's stored ones fails
-  its batch, which is then written event by event (see Errors), so only that event is dropped.
-  Events stored before migration 0002 stay rows of the ``events`` table; ``read_events`` reads
-  both, and all processes sharing a database must run the same version.
-* **Few statements per group.** The sqlite3 module releases the GIL around every step, and
-  taking it back waits up to a switch interval (5 ms) while the event loop is busy: a group
-  written row by row (``executemany``) took seconds beside a busy loop instead of milliseconds.
-  Batches of records go in as multi-row ``INSERT … VALUES (…), (…)`` statements of a few fixed
-  sizes (``_rows.insert_rows``), so a group costs a handful of steps whatever its size.
+  of that run's events, encoded in one call. A run's seqs must increase (its ``EventLog``
+  numbers them so): an event whose seq does not follow the run's stored ones fails its batch,
+  which is then written event by event, so only that event is dropped. Events stored before
+  migration 0002 stay rows of the ``events`` table; ``read_events`` reads both, and all
+  processes sharing a database must run the same version.
+* **Few statements per group.** Batches of records go in as multi-row ``INSERT … VALUES (…),
+  (…)`` statements of a few fixed sizes (``_rows.insert_rows``).
 * **Reads** run in worker threads (``anyio.to_thread.run_sync``) on a small pool of read-only
   connections, bounded by a ``CapacityLimiter``. WAL lets them proceed while the writer commits,
   and each read starts after the commits of every write that already returned, so it sees them.
   No SQLite call ever runs on the event loop thread.
-* **Checkpoints** run on a thread of their own (``_checkpointer.Checkpointer``), ahead of the
-  writer's: a checkpoint ends with an fsync, and nothing queued behind a COMMIT should wait.
-* **Lifetime.** ``open`` creates the file, enables WAL and applies the named migrations (in a worker
-  thread), then starts the writer and the checkpointer. ``aclose`` stops accepting writes, lets the
-  writer commit what is queued, joins both threads and closes every connection. Awaited writes
-  need the asyncio backend (they resolve an asyncio future), which is what the service runs on.
+* **Checkpoints** run on a thread of the writer process (``_checkpointer.Checkpointer``), ahead
+  of its commits: a checkpoint ends with an fsync, and nothing queued behind a COMMIT should
+  wait.
+* **Lifetime.** ``open`` creates the file, enables WAL and applies the named migrations (in a
+  worker thread), then starts the writer process and waits until its connection is open.
+  ``aclose`` stops accepting writes, has the writer commit what it was sent and exit, and closes
+  every connection. If the service dies, the writer reads the end of its pipe, commits what it
+  has and exits. The store belongs to the event loop that opened it: writes from another thread
+  are handed to that loop, and awaited writes need asyncio, which is what the service runs on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import copy
-import functools
+import fcntl
 import logging
-import queue
+import os
+import pickle
+import select
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -65,14 +71,14 @@ from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 import anyio
 
 from ..errors import ConfigError, Conflict
-from ._checkpointer import CHECKPOINT_GROUP_ROWS, Checkpointer
 from ._migrations import apply_migrations
 from ._records import CallRecord, EventRecord, RunRecord, WorkflowRecord
 from ._rows import (
-    DELETE_WORKFLOW, INSERT_EVENT_BATCH, SAVE_CALL, SAVE_RUN, SAVE_WORKFLOW, SELECT_CALL, SELECT_EVENT,
-    SELECT_EVENT_BATCHES, SELECT_RUN, SELECT_WORKFLOW, Row, call_from_row, call_rows, event_batch_rows,
-    event_from_row, insert_rows, loads, run_from_row, run_params, workflow_from_row, workflow_params,
+    DELETE_WORKFLOW, SAVE_RUN, SAVE_WORKFLOW, SELECT_CALL, SELECT_EVENT, SELECT_EVENT_BATCHES, SELECT_RUN,
+    SELECT_WORKFLOW, Row, call_fields, call_from_row, event_fields, event_from_row, loads, run_from_row,
+    run_params, workflow_from_row, workflow_params,
 )
+from ._writer import BOOT, BUSY_TIMEOUT_S, Frames, Op, frame
 
 if TYPE_CHECKING:
     from ._protocol import Store
@@ -82,85 +88,54 @@ __all__ = ["SQLiteStore", "StoreStatistics"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_Outcome = tuple["_Write", int, BaseException | None]
 JournalCallback = Callable[[BaseException | None], None]
 _Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[int] | JournalCallback"]
 
-# How long a connection waits for a lock held by another process using the same file
-# (a second ``quickflow`` pointed at the same data directory) before failing.
-_BUSY_TIMEOUT_S = 5.0
+# Journal entries pending that go to the writer before the loop turn ends: a long turn is
+# filling the batch, and the writer can commit the first part meanwhile.
+_EARLY_SEND = 32
+
+# How long ``open`` waits for the writer process to open its connection, and ``aclose`` for it
+# to commit what it was sent and exit, before giving up on it.
+_WRITER_START_S = 30.0
+_WRITER_STOP_S = 30.0
+
+# The pipe to the writer (Linux allows up to /proc/sys/fs/pipe-max-size, 1 MiB by default).
+_PIPE_BYTES = 1 << 20
+
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
 class StoreStatistics:
     """A snapshot of the writer's work since ``open``."""
 
-    queued: int  # writes waiting for the writer right now
+    queued: int  # writes not yet committed: pending here, or sent to the writer and not answered
     groups_committed: int  # transactions committed by the writer
     writes_committed: int  # queued writes (an ``append_events`` batch counts as one) committed
     events_committed: int
     write_errors: int  # writes that failed (their caller, if any, got the exception)
     events_dropped: int  # events in failed ``append_events`` batches (logged; nobody awaited them)
-    checkpoints: int  # WAL checkpoints run by the checkpointer thread
+    checkpoints: int  # WAL checkpoints run by the writer's checkpointer thread
 
 
 @dataclass(slots=True)
-class _Write:
-    """One queued write: ``sql`` run once with ``params``, or for every record of ``records``."""
+class _Sent:
+    """A write sent to the writer and not answered yet: who waits, and what to log if it fails."""
 
-    sql: str
-    what: str  # for log messages
-    params: tuple[Any, ...] = ()
-    waiter: _Waiter | None = None
-    # Records encoded to rows by the writer thread, keeping JSON encoding off the event loop.
-    records: Sequence[Any] | None = None
-    encode: Callable[[Sequence[Any]], list[Row]] | None = None
-    # A batch of awaited records (journal entries): ``waiters[i]`` waits for ``records[i]``.
-    waiters: list[_Waiter] | None = None
-
-    def run(self, conn: sqlite3.Connection) -> int:
-        if self.records is not None and self.encode is not None:
-            insert_rows(conn, self.sql, self.encode(self.records))
-            return len(self.records)
-        return conn.execute(self.sql, self.params).rowcount
-
-    def split(self) -> list[_Write]:
-        """One write per record, each with its own waiter: to find the one record that fails."""
-        assert self.records is not None
-        waiters: list[_Waiter | None] = list(self.waiters) if self.waiters else [None for _ in self.records]
-        return [_Write(self.sql, self.what, records=[r], encode=self.encode, waiter=w)
-                for r, w in zip(self.records, waiters)]
-
-    @property
-    def event_count(self) -> int:
-        if self.sql != INSERT_EVENT_BATCH:
-            return 0
-        return len(self.records or ())
+    waiter: _Waiter | None
+    what: str
+    events: int = 0
 
 
 def _pop_all(pending: deque[T]) -> list[T]:
-    # Until empty, not len() times: entries appended meanwhile come along (see SQLiteStore).
+    # Until empty, not len() times: entries appended meanwhile (from another thread) come along.
     taken: list[T] = []
     try:
         while True:
             taken.append(pending.popleft())
     except IndexError:
         return taken
-
-
-# Journal entries pending that wake the writer before the loop turn ends.
-_EARLY_WAKE = 32
-
-# Wakes the writer to take the pending events; never executed itself.
-_WAKE = _Write(sql="", what="wake")
-
-
-class _WriteFailed(Exception):
-    """Internal: a write (not BEGIN/COMMIT) failed inside a transaction; ``error`` is why."""
-
-    def __init__(self, write: _Write, error: Exception) -> None:
-        super().__init__(write.what)
-        self.error = error
 
 
 def _fetch(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[Row]:
@@ -177,6 +152,29 @@ def _rollback(conn: sqlite3.Connection) -> None:
             logger.exception("store: ROLLBACK failed")
 
 
+def _error(described: tuple[str, str]) -> BaseException:
+    """The writer's ``(type name, message)`` as an exception of that type, where it is one of
+    sqlite3's or a built-in one (so ``IntegrityError`` stays one); else a RuntimeError."""
+    name, message = described
+    cls = getattr(sqlite3, name, None) or getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except Exception:
+            pass
+    return RuntimeError(f"{name}: {message}")
+
+
+def _unpicklable(value: Any, token: int | None, failed: list[tuple[int, int, tuple[str, str] | None]]) -> bool:
+    try:
+        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        if token is not None:
+            failed.append((token, 0, (type(exc).__name__, f"the value cannot be handed to the writer: {exc}")))
+        return True
+    return False
+
+
 def _copy_error(exc: BaseException) -> BaseException:
     # Each awaiting task raises its own instance, so tracebacks do not pile up on a shared one.
     try:
@@ -186,7 +184,7 @@ def _copy_error(exc: BaseException) -> BaseException:
 
 
 def _settle(items: list[tuple[asyncio.Future[int] | JournalCallback, int, BaseException | None]]) -> None:
-    """Runs on the event loop: hand each waiter its result (a future) or call it (a callback)."""
+    """Runs on the waiters' event loop: hand each its result (a future) or call it (a callback)."""
     for waiter, result, error in items:
         if not isinstance(waiter, asyncio.Future):
             try:
@@ -202,57 +200,103 @@ def _settle(items: list[tuple[asyncio.Future[int] | JournalCallback, int, BaseEx
 
 
 def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
-    # ``isolation_level=None``: the sqlite3 module opens no implicit transactions; the writer
-    # issues BEGIN IMMEDIATE / COMMIT itself. ``check_same_thread=False``: a connection is
-    # created in one worker thread and used in another, never by two threads at once.
-    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    # ``isolation_level=None``: the sqlite3 module opens no implicit transactions.
+    # ``check_same_thread=False``: a connection is created in one worker thread and used in
+    # another, never by two threads at once.
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     if query_only:
         conn.execute("PRAGMA query_only = ON")
     return conn
 
 
-def _open_writer(path: Path, synchronous: str) -> tuple[sqlite3.Connection, list[str]]:
+def _prepare(path: Path) -> list[str]:
+    """Create the file if needed, switch it to WAL and apply pending migrations."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = _connect(path, query_only=False)
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
         if str(mode).lower() != "wal":
             raise ConfigError(f"cannot enable WAL on {path} (journal_mode is {mode!r}); use a local disk")
-        # WAL + synchronous=NORMAL: a COMMIT has written its frames to the WAL file (the OS has
-        # them) before it returns, but is not fsync'ed. So every committed transaction survives a
-        # crash or SIGKILL of this process; an OS crash or power loss can lose the last commits
-        # (the database stays consistent). ``synchronous="FULL"`` fsyncs each group commit.
-        conn.execute(f"PRAGMA synchronous = {synchronous}")
-        applied = apply_migrations(conn)
-    except BaseException:
+        return apply_migrations(conn)
+    finally:
         conn.close()
+
+
+def _start_writer(path: Path, synchronous: str) -> tuple[subprocess.Popen[bytes], Frames]:
+    """Start the writer process and wait for its ready frame (blocking: run it in a thread).
+
+    WAL + synchronous=NORMAL: a COMMIT has written its frames to the WAL file (the OS has them)
+    before the writer answers, but is not fsync'ed. So every committed transaction survives a
+    crash or SIGKILL of the service; an OS crash or power loss can lose the last commits (the
+    database stays consistent). ``synchronous="FULL"`` fsyncs each group commit.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-c", BOOT, _PROJECT_ROOT, str(path), synchronous],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+    )
+    assert process.stdin is not None and process.stdout is not None  # PIPE
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        # A burst (a thousand agents' entries and events, a few hundred kB) then fits the pipe
+        # whole, and the writer takes it as one group instead of one per 64 kB.
+        try:
+            fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        except OSError:
+            pass
+    frames, fd = Frames(), process.stdout.fileno()
+    try:
+        while True:
+            if not select.select([fd], [], [], _WRITER_START_S)[0]:
+                raise ConfigError(f"the store's writer process did not start within {_WRITER_START_S:g} s")
+            data = os.read(fd, 4096)
+            if not data:
+                raise ConfigError(f"the store's writer process for {path} exited at start "
+                                  f"(exit code {process.wait()}); see its error above")
+            for value in frames.feed(data):
+                if isinstance(value, tuple) and value[:1] == ("ready",):
+                    os.set_blocking(fd, False)
+                    os.set_blocking(process.stdin.fileno(), False)
+                    return process, frames
+    except BaseException:
+        process.kill()
+        process.wait()
         raise
-    return conn, applied
 
 
 class SQLiteStore:
     """The ``Store`` over one SQLite file. Create with :meth:`open`, release with :meth:`aclose`."""
 
     def __init__(
-        self, path: Path, writer: sqlite3.Connection, applied_migrations: Sequence[str], readers: int
+        self,
+        path: Path,
+        writer: tuple[subprocess.Popen[bytes], Frames],
+        applied_migrations: Sequence[str],
+        readers: int,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         """Private: use :meth:`open`."""
         self._path = path
-        self._writer_conn = writer
         self._applied_migrations = tuple(applied_migrations)
-        self._queue: queue.Queue[_Write | None] = queue.Queue()
-        # Guards ``_closing``, ``_writer_alive`` against queued writes, and the idle reader pool.
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        # Guards ``_closing`` and the idle reader pool.
         self._lock = threading.Lock()
-        # Events and journal entries gather here, without the lock: appends come from the event
-        # loop thousands of times a second, and a lock the writer happens to hold while the
-        # interpreter switches threads stalls the loop for a switch interval. Each deque
-        # operation is atomic; the writer pops until empty, and an append that makes a deque
-        # non-empty wakes it, so no entry is left behind.
+        # Writes gather here until the end of the loop turn; appends are atomic, and only the
+        # loop takes (``_send``).
         self._events_pending: deque[EventRecord] = deque()
         self._calls_pending: deque[tuple[CallRecord, _Waiter]] = deque()
-        self._wake_scheduled = False  # touched on the event loop only
-        self._closing = False
+        self._writes_pending: deque[tuple[str, Row, str, _Waiter]] = deque()
+        self._send_scheduled = False
+        self._sent: dict[int, _Sent] = {}  # by token, until the writer answers
+        self._next_token = 0
+        self._outbox = bytearray()  # frames the pipe did not take yet
+        self._writer, self._frames = writer
+        assert self._writer.stdin is not None and self._writer.stdout is not None  # PIPE
+        self._to_writer = self._writer.stdin.fileno()
+        self._from_writer = self._writer.stdout.fileno()
         self._writer_alive = True
+        self._writer_gone = anyio.Event()
+        loop.add_reader(self._from_writer, self._receive)
+        self._closing = False
         self._closed = anyio.Event()
         self._idle_readers: list[sqlite3.Connection] = []
         self._read_limiter = anyio.CapacityLimiter(readers)
@@ -261,11 +305,7 @@ class SQLiteStore:
         self._events = 0
         self._write_errors = 0
         self._events_dropped = 0
-        self._checkpointer = Checkpointer(str(path), functools.partial(_connect, path, query_only=False))
-        # Owned by this store: started here, joined by ``aclose``. Daemon only so that a store
-        # someone forgot to close cannot hang interpreter exit (it would lose nothing awaited).
-        self._thread = threading.Thread(target=self._writer_main, name="quickflow-store-writer", daemon=True)
-        self._thread.start()
+        self._checkpoints = 0
 
     @classmethod
     async def open(
@@ -278,11 +318,14 @@ class SQLiteStore:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
         path = Path(path)
+        loop = asyncio.get_running_loop()
         # Shielded: the worker thread finishes regardless, and a cancellation arriving meanwhile
-        # would drop the connection it returns without closing it. Bounded by the busy timeout.
+        # would leave the writer process without an owner. Bounded by the busy timeout and
+        # ``_WRITER_START_S``.
         with anyio.CancelScope(shield=True):
-            writer, applied = await anyio.to_thread.run_sync(_open_writer, path, synchronous)
-        return cls(path, writer, applied, readers)
+            applied = await anyio.to_thread.run_sync(_prepare, path)
+            writer = await anyio.to_thread.run_sync(_start_writer, path, synchronous)
+        return cls(path, writer, applied, readers, loop)
 
     @property
     def path(self) -> Path:
@@ -293,15 +336,20 @@ class SQLiteStore:
         """The migrations this ``open`` applied (empty when the database was already current)."""
         return self._applied_migrations
 
+    @property
+    def writer_pid(self) -> int:
+        """The writer process (for operators and tests)."""
+        return self._writer.pid
+
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
-            queued=self._queue.qsize(),
+            queued=len(self._sent) + len(self._events_pending) + len(self._calls_pending) + len(self._writes_pending),
             groups_committed=self._groups,
             writes_committed=self._writes,
             events_committed=self._events,
             write_errors=self._write_errors,
             events_dropped=self._events_dropped,
-            checkpoints=self._checkpointer.checkpoints,
+            checkpoints=self._checkpoints,
         )
 
     async def __aenter__(self) -> Self:
@@ -314,15 +362,12 @@ class SQLiteStore:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def _enqueue(self, write: _Write) -> None:
-        with self._lock:
-            self._check_open()
-            self._queue.put(write)
-
     async def _write(self, sql: str, params: Row, what: str) -> int:
+        self._check_open()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        self._enqueue(_Write(sql, what, params=params, waiter=(loop, future)))
+        self._writes_pending.append((sql, params, what, (loop, future)))
+        self._send_soon()
         # If this task is cancelled here the write still happens; only the wait is abandoned.
         return await future
 
@@ -349,28 +394,17 @@ class SQLiteStore:
 
     def _pend_call(self, call: CallRecord, loop: asyncio.AbstractEventLoop,
                    waiter: asyncio.Future[int] | JournalCallback) -> None:
-        # Journal entries gather like events, so a burst of finished agents costs one queue
-        # operation; each waiter still hears of the COMMIT that includes its own entry.
+        # Journal entries gather like events, so a burst of finished agents costs one pickle;
+        # each waiter still hears of the COMMIT that includes its own entry.
         self._check_open()
-        entry = (call, (loop, waiter))
         pending = self._calls_pending
-        pending.append(entry)
-        count = len(pending)
-        if not self._writer_alive:  # it died meanwhile: fail here, unless it already took this
-            try:
-                pending.remove(entry)
-            except ValueError:
-                return
-            self._check_open()
-        if count == 1:
-            self._wake_soon(loop)
-        elif count == _EARLY_WAKE:
-            # A long loop turn is filling the batch: start committing it now, in parallel.
-            self._queue.put(_WAKE)
+        pending.append((call, (loop, waiter)))
+        if len(pending) == 1:
+            self._send_soon()
+        elif len(pending) == _EARLY_SEND and threading.get_ident() == self._loop_thread:
+            self._send()
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
-        # Only the batch that makes the pending events non-empty wakes the writer, so a burst
-        # costs one queue operation.
         if not events:
             return
         if self._closing:
@@ -378,168 +412,183 @@ class SQLiteStore:
         pending = self._events_pending
         pending.extend(events)
         if len(pending) == len(events):
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no event loop in this thread: wake the writer now
-                self._queue.put(_WAKE)
+            self._send_soon()
+
+    def _send_soon(self) -> None:
+        # Once the loop has run this round's callbacks, so that everything they add goes in one
+        # frame (and one group).
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            if threading.get_ident() == self._loop_thread:
+                self._loop.call_soon(self._send)
             else:
-                self._wake_soon(loop)
-
-    def _wake_soon(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Waking the writer is a futex syscall, and it is often already idle again after the
-        # previous take: waking it once the loop has run this round's callbacks lets everything
-        # they add go in one group. A queued write (save_run...) still takes the pending
-        # entries with it at once, so the queue's FIFO promise holds.
-        if not self._wake_scheduled:
-            self._wake_scheduled = True
-            loop.call_soon(self._wake_now)
-
-    def _wake_now(self) -> None:
-        self._wake_scheduled = False
-        self._queue.put(_WAKE)
+                self._loop.call_soon_threadsafe(self._send)
 
     def _check_open(self) -> None:
         if self._closing:
             raise RuntimeError(f"the store {self._path} is closed")
         if not self._writer_alive:
-            raise RuntimeError(f"the writer of the store {self._path} has stopped; see the log")
+            raise RuntimeError(f"the writer process of the store {self._path} has stopped; see the log")
 
-    def _take_pending(self) -> list[_Write]:
+    def _send(self, *, stop: bool = False) -> None:
+        """On the loop: send everything pending to the writer, events and journal entries first."""
+        self._send_scheduled = False
         events = _pop_all(self._events_pending)
         entries = _pop_all(self._calls_pending)
-        writes = []
+        writes = _pop_all(self._writes_pending)
+        ops: list[Op] = []
         if events:
-            writes.append(_Write(INSERT_EVENT_BATCH, "events", records=events, encode=event_batch_rows))
+            ops.append(("events", [self._track(None, f"{len(events)} events", len(events))],
+                        [event_fields(e) for e in events]))
         if entries:
-            writes.append(_Write(SAVE_CALL, f"{len(entries)} journal entries", records=[c for c, _ in entries],
-                                 encode=call_rows, waiters=[w for _, w in entries]))
-        return writes
+            ops.append(("calls", [self._track(waiter, "a journal entry") for _, waiter in entries],
+                        [call_fields(c) for c, _ in entries]))
+        ops.extend(("sql", [self._track(waiter, what)], (sql, params)) for sql, params, what, waiter in writes)
+        if stop:
+            ops.append(("stop", [], None))
+        if not ops:
+            return
+        if not self._writer_alive:
+            self._fail_all(RuntimeError(f"the writer process of the store {self._path} has stopped; see the log"))
+            return
+        try:
+            data = frame(ops)
+        except Exception:  # a value that does not pickle: fail its own write only
+            data = frame(self._picklable(ops))
+        self._outbox += data
+        self._flush_outbox()
+
+    def _track(self, waiter: _Waiter | None, what: str, events: int = 0) -> int:
+        token = self._next_token
+        self._next_token += 1
+        self._sent[token] = _Sent(waiter, what, events)
+        return token
+
+    def _picklable(self, ops: list[Op]) -> list[Op]:
+        """``ops`` without the values that do not pickle; their writes fail (events: dropped)."""
+        kept: list[Op] = []
+        failed: list[tuple[int, int, tuple[str, str] | None]] = []
+        for kind, tokens, payload in ops:
+            if kind == "calls":
+                pairs = [(token, fields) for token, fields in zip(tokens, payload)
+                         if not _unpicklable(fields, token, failed)]
+                if pairs:
+                    kept.append((kind, [token for token, _ in pairs], [fields for _, fields in pairs]))
+            elif kind == "events":
+                events = [fields for fields in payload if not _unpicklable(fields, None, failed)]
+                dropped = len(payload) - len(events)
+                if dropped:
+                    self._sent[tokens[0]].events -= dropped
+                    self._events_dropped += dropped
+                    logger.error("store: dropped %d events that cannot be handed to the writer", dropped)
+                if events:
+                    kept.append((kind, tokens, events))
+                else:
+                    self._sent.pop(tokens[0], None)
+            elif not _unpicklable(payload, tokens[0] if tokens else None, failed):
+                kept.append((kind, tokens, payload))
+        self._resolve(failed)
+        return kept
+
+    def _flush_outbox(self) -> None:
+        try:
+            written = os.write(self._to_writer, self._outbox)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the writer is gone: its pipe says so too
+            self._writer_died()
+            return
+        del self._outbox[:written]
+        if self._outbox:
+            self._loop.add_writer(self._to_writer, self._drain_outbox)
+
+    def _drain_outbox(self) -> None:
+        self._loop.remove_writer(self._to_writer)
+        self._flush_outbox()
+
+    def _receive(self) -> None:
+        """On the loop, when the writer has answered: resolve the waiters of each group."""
+        try:
+            data = os.read(self._from_writer, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._writer_died()
+            return
+        for results, groups, checkpoints in self._frames.feed(data):
+            self._groups, self._checkpoints = groups, checkpoints
+            self._resolve(results)
+
+    def _resolve(self, results: list[tuple[int, int, tuple[str, str] | None]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, int, BaseException | None]]] = {}
+        for token, value, described in results:
+            sent = self._sent.pop(token, None)
+            if sent is None:
+                continue
+            error = None if described is None else _error(described)
+            if sent.events:  # an events batch: ``value`` events were written
+                self._events += value
+                dropped = sent.events - value
+                if dropped:
+                    self._events_dropped += dropped
+                    self._write_errors += 1
+                    logger.error("store: dropped %d of %s: %s", dropped, sent.what, error)
+                else:
+                    self._writes += 1
+            elif error is None:
+                self._writes += 1
+            else:
+                self._write_errors += 1
+                if sent.waiter is None:
+                    logger.error("store: %s failed: %s", sent.what, error)
+            if sent.waiter is not None:
+                loop, waiter = sent.waiter
+                by_loop.setdefault(loop, []).append((waiter, value, error))
+        self._settle_on(by_loop)
+
+    def _writer_died(self) -> None:
+        if not self._writer_alive:
+            return
+        self._writer_alive = False
+        self._loop.remove_reader(self._from_writer)
+        self._loop.remove_writer(self._to_writer)
+        if not self._closing:
+            logger.critical("store: the writer process of %s exited (exit code %s)", self._path, self._writer.poll())
+        self._fail_all(RuntimeError(f"the writer process of the store {self._path} has stopped; see the log"))
+        self._writer_gone.set()
+
+    def _fail_all(self, error: BaseException) -> None:
+        """The writer is gone: every write sent or pending fails, and nobody will commit it."""
+        sent, self._sent = self._sent, {}
+        waiters = [s.waiter for s in sent.values()]
+        waiters += [waiter for _, waiter in _pop_all(self._calls_pending)]
+        waiters += [waiter for _, _, _, waiter in _pop_all(self._writes_pending)]
+        self._events_dropped += len(_pop_all(self._events_pending)) + sum(s.events for s in sent.values())
+        self._write_errors += len(waiters)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, int, BaseException | None]]] = {}
+        for waiter in waiters:
+            if waiter is not None:
+                loop, future = waiter
+                by_loop.setdefault(loop, []).append((future, 0, _copy_error(error)))
+        self._settle_on(by_loop)
+
+    def _settle_on(self, by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, int, BaseException | None]]]) -> None:
+        for loop, items in by_loop.items():
+            if loop is self._loop:
+                _settle(items)
+                continue
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                pass
 
     async def save_workflow(self, workflow: WorkflowRecord) -> None:
         await self._write(SAVE_WORKFLOW, workflow_params(workflow), f"workflow {workflow.name}")
 
     async def delete_workflow(self, name: str) -> bool:
         return await self._write(DELETE_WORKFLOW, (name,), f"delete workflow {name}") > 0
-
-    # -- the writer thread --------------------------------------------------------------------
-
-    def _writer_main(self) -> None:
-        conn = self._writer_conn
-        group: list[_Write] = []
-        try:
-            stopping = False
-            while not stopping:
-                item: _Write | None = self._queue.get()
-                group = []
-                while True:  # everything queued right now joins this group
-                    if item is None:
-                        stopping = True
-                    elif item is not _WAKE:
-                        group.append(item)
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                # Taken after the queue: events and journal entries added before a queued write
-                # are in this group.
-                group[:0] = self._take_pending()
-                if group:
-                    self._finish(self._commit_group(conn, group))
-                    rows = sum(len(w.records) if w.records is not None else 1 for w in group)
-                    if rows >= CHECKPOINT_GROUP_ROWS:
-                        self._checkpointer.request()
-                    group = []
-        except BaseException as exc:
-            # A bug in the writer itself: fail whoever waits instead of leaving them hanging.
-            logger.critical("store: the writer thread of %s died", self._path, exc_info=True)
-            with self._lock:
-                self._writer_alive = False
-            pending = group + self._drain() + self._take_pending()
-            self._finish([(w, 0, _copy_error(exc)) for w in pending])
-            raise
-        finally:
-            conn.close()
-
-    def _drain(self) -> list[_Write]:
-        writes: list[_Write] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return writes
-            if item is not None and item is not _WAKE:
-                writes.append(item)
-
-    def _commit_group(self, conn: sqlite3.Connection, group: list[_Write]) -> list[_Outcome]:
-        try:
-            results = self._transaction(conn, group)
-        except _WriteFailed:
-            # Roll back and replay one write per transaction so only the faulty one fails; the
-            # events of a merged batch are replayed one by one, so only a faulty event is lost.
-            outcomes: list[_Outcome] = []
-            for w in group:
-                if w.records is not None and len(w.records) > 1:
-                    outcomes.extend(self._commit_alone(conn, one) for one in w.split())
-                else:
-                    outcomes.append(self._commit_alone(conn, w))
-            return outcomes
-        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the group was written
-            logger.error("store: committing %d writes to %s failed: %s", len(group), self._path, exc)
-            return [(w, 0, _copy_error(exc)) for w in group]
-        self._groups += 1
-        return [(w, r, None) for w, r in zip(group, results)]
-
-    def _commit_alone(self, conn: sqlite3.Connection, write: _Write) -> _Outcome:
-        try:
-            (result,) = self._transaction(conn, [write])
-        except _WriteFailed as failed:
-            return (write, 0, failed.error)
-        except Exception as exc:
-            return (write, 0, exc)
-        self._groups += 1
-        return (write, result, None)
-
-    @staticmethod
-    def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[int]:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            results: list[int] = []
-            for write in writes:
-                try:
-                    results.append(write.run(conn))
-                except Exception as exc:
-                    raise _WriteFailed(write, exc) from exc
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-        return results
-
-    def _finish(self, outcomes: list[_Outcome]) -> None:
-        """Count the outcomes, log failed event batches, and wake the waiters (one call per loop)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, int, BaseException | None]]] = {}
-        for write, result, error in outcomes:
-            events = write.event_count
-            writes = len(write.waiters) if write.waiters is not None else 1
-            if error is None:
-                self._writes += writes
-                self._events += events
-            else:
-                self._write_errors += writes
-                if write.waiter is None and write.waiters is None:
-                    self._events_dropped += events
-                    logger.error("store: dropped %s: %s", write.what, error)
-            if write.waiters is not None:  # a batch of journal entries: one row each
-                for loop, future in write.waiters:
-                    by_loop.setdefault(loop, []).append((future, 1 if error is None else 0, error))
-            if write.waiter is not None:
-                loop, future = write.waiter
-                by_loop.setdefault(loop, []).append((future, result, error))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_settle, items)
-            except RuntimeError:  # that event loop is closed: nobody is waiting any more
-                pass
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -649,30 +698,39 @@ class SQLiteStore:
 
     # -- shutdown -----------------------------------------------------------------------------
 
-    def _shutdown_blocking(self) -> None:
-        self._thread.join()  # the writer commits everything queued before the stop marker
-        self._checkpointer.stop()
-        with self._lock:
-            idle, self._idle_readers = self._idle_readers, []
-        for conn in idle:
-            conn.close()
-
     async def aclose(self) -> None:
-        """Commit everything queued, stop the writer thread, close every connection. Idempotent."""
+        """Have the writer commit everything sent and exit, close every connection. Idempotent."""
         with self._lock:
             first = not self._closing
-            if first:
-                self._closing = True
-                self._queue.put(None)  # the stop marker: after every write already queued
+            self._closing = True
         if not first:
             await self._closed.wait()
             return
         try:
-            # Shielded: a cancelled caller must not leave the writer running or writes unflushed.
+            # Shielded: a cancelled caller must not leave the writer running or writes unsent.
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._shutdown_blocking)
+                if self._writer_alive:
+                    self._send(stop=True)
+                    with anyio.move_on_after(_WRITER_STOP_S):
+                        await self._writer_gone.wait()
+                if self._writer_alive:
+                    logger.error("store: the writer process of %s did not stop in %g s; killing it",
+                                 self._path, _WRITER_STOP_S)
+                    self._writer.kill()
+                    await self._writer_gone.wait()
+                await anyio.to_thread.run_sync(self._release_blocking)
         finally:
             self._closed.set()
+
+    def _release_blocking(self) -> None:
+        self._writer.wait()
+        for pipe in (self._writer.stdin, self._writer.stdout):
+            if pipe is not None:
+                pipe.close()
+        with self._lock:
+            idle, self._idle_readers = self._idle_readers, []
+        for conn in idle:
+            conn.close()
 
 
 if TYPE_CHECKING:

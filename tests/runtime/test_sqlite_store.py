@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -21,7 +20,9 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from runtime.errors import ConfigError, Conflict
 from runtime.store import CallRecord, EventRecord, MemoryStore, RunRecord, Store, WorkflowRecord
 from runtime.store._migrations import MIGRATIONS, apply_migrations
+from runtime.store._rows import call_fields, event_fields
 from runtime.store._sqlite import SQLiteStore
+from runtime.store._writer import _Write, _Writer
 
 from .sqlite_lock import WriteLock
 
@@ -422,6 +423,7 @@ from runtime.store._sqlite import SQLiteStore
 
 async def main() -> None:
     store = await SQLiteStore.open(Path(sys.argv[1]))
+    print("writer", store.writer_pid, flush=True)
     for i in range(200_000):  # bounded: never outlives a parent that died
         store.append_events([EventRecord(seq=i + 1, ts=0.0, run_id="crash", type="agent.completed", data={"i": i})])
         await store.save_call(
@@ -447,6 +449,7 @@ async def test_awaited_writes_survive_sigkill(tmp_path: Path) -> None:
         try:
             assert process.stdout is not None
             lines = BufferedByteReceiveStream(process.stdout)
+            writer_pid = int((await lines.receive_until(b"\n", 64)).split()[1])
             while acknowledged < 300:
                 acknowledged = int(await lines.receive_until(b"\n", 64))
             process.kill()  # SIGKILL, mid-stream: the child is still writing
@@ -456,6 +459,9 @@ async def test_awaited_writes_survive_sigkill(tmp_path: Path) -> None:
                 process.kill()
             with anyio.CancelScope(shield=True):
                 await process.aclose()
+        # Its writer process reads the end of its pipe, commits what it has and exits.
+        while not _exited(writer_pid):
+            await anyio.sleep(0.01)
 
         async with await SQLiteStore.open(path) as store:
             calls = await store.list_calls("crash")
@@ -663,25 +669,35 @@ async def test_the_wal_starts_over_under_steady_writes(tmp_path: Path) -> None:
             assert len(await store.list_calls("r")) == 2000
 
 
-def _writer_threads() -> int:
-    """The store's threads running: its writer and its checkpointer."""
-    names = ("quickflow-store-writer", "quickflow-store-checkpointer")
-    return sum(1 for t in threading.enumerate() if t.name in names)
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie nobody has reaped yet (an orphan's parent may be a container's init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.mark.anyio
 async def test_aclose_is_idempotent_and_stops_everything(tmp_path: Path) -> None:
     with anyio.fail_after(10):
-        baseline = _writer_threads()
         store = await SQLiteStore.open(tmp_path / "q.db")
-        assert _writer_threads() == baseline + 2
+        assert _alive(store.writer_pid)
         await store.get_run("x")  # opens a read connection
         store.append_events([event("r", 1)])
         async with anyio.create_task_group() as tg:  # concurrent closes both return once closed
             tg.start_soon(store.aclose)
             tg.start_soon(store.aclose)
         await store.aclose()
-        assert _writer_threads() == baseline
+        assert not _alive(store.writer_pid)  # exited, and reaped
         with pytest.raises(RuntimeError, match="closed"):
             store.append_events([event("r", 2)])
         with pytest.raises(RuntimeError, match="closed"):
@@ -690,6 +706,38 @@ async def test_aclose_is_idempotent_and_stops_everything(tmp_path: Path) -> None
             await store.get_run("x")
         async with await SQLiteStore.open(tmp_path / "q.db") as reopened:
             assert [e.seq for e in await reopened.read_events("r")] == [1]
+
+
+@pytest.mark.anyio
+async def test_the_writer_outlasts_signals_meant_for_the_service(tmp_path: Path) -> None:
+    # Ctrl-C or a SIGTERM to the process group must not take the writer away before the service
+    # has committed its last writes: it stops when the store tells it to.
+    with anyio.fail_after(10):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                os.kill(store.writer_pid, signum)
+            await store.save_call(call("r", 0))
+            assert _alive(store.writer_pid)
+        assert [c.index for c in await _calls_after_reopen(tmp_path / "q.db", "r")] == [0]
+
+
+@pytest.mark.anyio
+async def test_a_killed_writer_fails_the_writes_instead_of_losing_them_silently(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        store = await SQLiteStore.open(tmp_path / "q.db")
+        await store.save_call(call("r", 0))
+        os.kill(store.writer_pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="writer process .* has stopped"):
+            await store.save_call(call("r", 1))
+        with pytest.raises(RuntimeError, match="has stopped"):
+            await store.save_call(call("r", 2))  # and every write after it, at once
+        await store.aclose()
+        assert [c.index for c in await _calls_after_reopen(tmp_path / "q.db", "r")] == [0]
+
+
+async def _calls_after_reopen(path: Path, run_id: str) -> list[CallRecord]:
+    async with await SQLiteStore.open(path) as store:
+        return await store.list_calls(run_id)
 
 
 @pytest.mark.anyio
@@ -726,24 +774,23 @@ async def test_multi_row_statements_fit_a_low_parameter_limit(tmp_path: Path) ->
     # multi-row statements by its connection's limit, lowered here to 100: five journal rows of
     # 19 columns, or twenty events of 5, per statement. A statement over the limit would fail
     # and the group would be replayed a row per transaction: correct, but hundreds of commits.
+    # The writer's group logic runs here in-process, on a connection whose limit is lowered.
     with anyio.fail_after(10):
         path = tmp_path / "q.db"
+        async with await SQLiteStore.open(path):
+            pass  # creates the file and applies the migrations
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100)
+            writer = _Writer(conn)
+            events = [event_fields(event("r", seq)) for seq in range(1, 501)]
+            calls = [call_fields(call("r", i, output={"i": i})) for i in range(300)]
+            results = writer.commit([_Write("events", [0], events), _Write("calls", list(range(1, 301)), calls)])
+            assert results[0] == (0, 500, None)
+            assert all(error is None for _, _, error in results)
+            assert writer.groups == 1  # one transaction, nothing replayed
+        finally:
+            conn.close()
         async with await SQLiteStore.open(path) as store:
-            store._writer_conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100)
-            before = store.statistics().groups_committed
-            lock = WriteLock(path)
-            try:
-                await lock.acquire()  # everything below lands in one group
-                async with anyio.create_task_group() as tg:
-                    store.append_events([event("r", seq) for seq in range(1, 501)])
-                    for i in range(300):
-                        tg.start_soon(store.save_call, call("r", i, output={"i": i}))
-                    await anyio.wait_all_tasks_blocked()
-                    await lock.release()
-            finally:
-                await lock.aclose()
             assert [c.output for c in await store.list_calls("r")] == [{"i": i} for i in range(300)]
             assert [e.seq for e in await store.read_events("r")] == list(range(1, 501))
-            assert store.statistics().write_errors == 0
-            # The group the writer took before blocking at BEGIN, then everything else.
-            assert store.statistics().groups_committed - before <= 2
