@@ -32,6 +32,8 @@ __all__ = ["ScriptDriver"]
 
 MAX_PENDING_TIMERS = 10_000
 AGENTS_PER_TURN = 16
+# How soon a script whose isolate could not be evicted (the pool was busy) tries again.
+EVICT_RETRY_S = 0.25
 
 
 class ScriptDriver:
@@ -125,17 +127,24 @@ class ScriptDriver:
         """Wait for a settlement. A script that waits long gives up its isolate's memory
         (``Limits.evict_idle_s``); the next slice rebuilds the isolate by replay."""
         idle_s = self.run.limits.evict_idle_s
+        evict_at = anyio.current_time() + idle_s
         while not self._inbox:
             self._inbox_changed = changed = anyio.Event()
             if idle_s > 0 and not self._isolate.evicted and self._isolate.evictable:
-                with anyio.move_on_after(idle_s):
+                remaining = evict_at - anyio.current_time()
+                with anyio.move_on_after(remaining if remaining > 0 else EVICT_RETRY_S):
                     await changed.wait()
+                if self._inbox or not self._isolate.evictable or anyio.current_time() < evict_at:
+                    continue
                 # Not while scripts queue for the pool: memory is not what is short then, and a
-                # replay would only add to the queue. Freeing a context takes milliseconds for a
-                # big heap, so not on the event loop either.
-                if (not self._inbox and self._isolate.evictable and not self._pool.statistics().waiting
-                        and await self._pool.run(self._isolate.evict)):
+                # replay would only add to the queue; but soon after, not a whole wait later.
+                if self._pool.statistics().waiting:
+                    continue
+                # Freeing a context takes milliseconds for a big heap, so not on the event loop.
+                if await self._pool.run(self._isolate.evict):
                     self.run.isolate_evictions += 1
+                else:  # declined (a slice was running, or the heap is big): after another wait
+                    evict_at = anyio.current_time() + idle_s
             else:
                 await changed.wait()
 

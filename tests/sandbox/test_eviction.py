@@ -228,3 +228,42 @@ def test_a_script_that_would_be_costly_to_replay_keeps_its_context() -> None:
         current = isolate.settle([(current.requests[0].id, True, "ok")], {"spent": 0, "issued": issued})
     assert not isolate.evict()
     assert not isolate.evicted and isolate.evictions == 0
+
+
+@pytest.mark.anyio
+async def test_a_script_skipped_while_the_pool_was_busy_is_evicted_soon_after(monkeypatch: Any) -> None:
+    # At its idle deadline the pool had scripts queueing, so the script kept its context; it
+    # must give it up soon after the queue empties, not a whole idle period later.
+    import runtime.script
+    from runtime import Engine, RunRequest, SimulateBackend, load_settings
+    from runtime.store import MemoryStore
+    from sandbox import SlicePool, SlicePoolStatistics
+
+    class QueueingPool(SlicePool):
+        """A real pool that says scripts are queueing for it while ``busy``."""
+
+        busy = True
+
+        def statistics(self) -> SlicePoolStatistics:
+            stats = super().statistics()
+            return SlicePoolStatistics(stats.workers, stats.running, 1 if self.busy else stats.waiting,
+                                       stats.slices_total)
+
+    monkeypatch.setattr(runtime.script, "EVICT_RETRY_S", 0.05)
+    idle_s = 1.0
+    pool = QueueingPool()
+    settings = load_settings(limits={"evict_idle_s": idle_s})
+    async with Engine(settings, MemoryStore(), backends={"simulate": SimulateBackend()}, recover=False,
+                      pool=pool) as engine:
+        record = await engine.submit(RunRequest(script="return await agent('slow one')",
+                                                options={"backend": "simulate", "simulate": {"latency_ms": 30_000}}))
+        live = engine.live(record.id)
+        assert live is not None
+        with anyio.fail_after(10):
+            await anyio.sleep(idle_s * 1.3)  # past the deadline, the pool still busy
+            assert live.isolate_evictions == 0
+            pool.busy = False
+        with anyio.fail_after(idle_s * 0.6):  # a whole idle period later would be too late
+            while live.isolate_evictions == 0:
+                await anyio.sleep(0.01)
+        await engine.cancel(record.id)
