@@ -61,6 +61,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ _EARLY_SEND = 32
 # to commit what it was sent and exit, before giving up on it.
 _WRITER_START_S = 30.0
 _WRITER_STOP_S = 30.0
+# A writer that dies is replaced, unless the last one was started less than this ago.
+_RESTART_AFTER_S = 10.0
 
 # The pipe to the writer (Linux allows up to /proc/sys/fs/pipe-max-size, 1 MiB by default).
 _PIPE_BYTES = 1 << 20
@@ -226,8 +229,8 @@ def _prepare(path: Path) -> list[str]:
         conn.close()
 
 
-def _start_writer(path: Path, synchronous: str) -> tuple[subprocess.Popen[bytes], Frames]:
-    """Start the writer process and wait for its ready frame (blocking: run it in a thread).
+def _spawn_writer(path: Path, synchronous: str) -> subprocess.Popen[bytes]:
+    """Start a writer process; its pipes are non-blocking, for the event loop.
 
     WAL + synchronous=NORMAL: a COMMIT has written its frames to the WAL file (the OS has them)
     before the writer answers, but is not fsync'ed. So every committed transaction survives a
@@ -246,24 +249,30 @@ def _start_writer(path: Path, synchronous: str) -> tuple[subprocess.Popen[bytes]
             fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         except OSError:
             pass
-    frames, fd = Frames(), process.stdout.fileno()
+    os.set_blocking(process.stdin.fileno(), False)
+    return process
+
+
+def _start_writer(path: Path, synchronous: str) -> subprocess.Popen[bytes]:
+    """Start a writer process and wait until its connection is open (blocking: in a thread)."""
+    process = _spawn_writer(path, synchronous)
+    assert process.stdout is not None  # PIPE
+    fd = process.stdout.fileno()
     try:
-        while True:
-            if not select.select([fd], [], [], _WRITER_START_S)[0]:
-                raise ConfigError(f"the store's writer process did not start within {_WRITER_START_S:g} s")
-            data = os.read(fd, 4096)
-            if not data:
-                raise ConfigError(f"the store's writer process for {path} exited at start "
-                                  f"(exit code {process.wait()}); see its error above")
-            for value in frames.feed(data):
-                if isinstance(value, tuple) and value[:1] == ("ready",):
-                    os.set_blocking(fd, False)
-                    os.set_blocking(process.stdin.fileno(), False)
-                    return process, frames
+        if not select.select([fd], [], [], _WRITER_START_S)[0]:
+            raise ConfigError(f"the store's writer process did not start within {_WRITER_START_S:g} s")
+        # The ready frame is all it sends before it is sent something, in one write of a few
+        # bytes (pipes deliver those whole).
+        ready = list(Frames().feed(os.read(fd, 4096)))
+        if not ready or ready[0][:1] != ("ready",):
+            raise ConfigError(f"the store's writer process for {path} exited at start "
+                              f"(exit code {process.wait()}); see its error above")
     except BaseException:
         process.kill()
         process.wait()
         raise
+    os.set_blocking(fd, False)
+    return process
 
 
 class SQLiteStore:
@@ -272,7 +281,8 @@ class SQLiteStore:
     def __init__(
         self,
         path: Path,
-        writer: tuple[subprocess.Popen[bytes], Frames],
+        writer: subprocess.Popen[bytes],
+        synchronous: str,
         applied_migrations: Sequence[str],
         readers: int,
         loop: asyncio.AbstractEventLoop,
@@ -292,14 +302,14 @@ class SQLiteStore:
         self._send_scheduled = False
         self._sent: dict[int, _Sent] = {}  # by token, until the writer answers
         self._next_token = 0
-        self._outbox = bytearray()  # frames the pipe did not take yet
-        self._writer, self._frames = writer
-        assert self._writer.stdin is not None and self._writer.stdout is not None  # PIPE
-        self._to_writer = self._writer.stdin.fileno()
-        self._from_writer = self._writer.stdout.fileno()
+        # Ops sent and not answered yet, in order: sent again to a new writer if this one dies.
+        self._unanswered: deque[Op] = deque()
+        self._synchronous = synchronous
+        self._exited: list[subprocess.Popen[bytes]] = []  # writers that died, reaped by aclose
+        self._restarted_at: float | None = None
         self._writer_alive = True
         self._writer_gone = anyio.Event()
-        loop.add_reader(self._from_writer, self._receive)
+        self._attach(writer)
         self._closing = False
         self._closed = anyio.Event()
         self._idle_readers: list[sqlite3.Connection] = []
@@ -329,7 +339,7 @@ class SQLiteStore:
         with anyio.CancelScope(shield=True):
             applied = await anyio.to_thread.run_sync(_prepare, path)
             writer = await anyio.to_thread.run_sync(_start_writer, path, synchronous)
-        return cls(path, writer, applied, readers, loop)
+        return cls(path, writer, synchronous, applied, readers, loop)
 
     @property
     def path(self) -> Path:
@@ -458,7 +468,9 @@ class SQLiteStore:
         try:
             data = frame(ops)
         except Exception:  # a value that does not pickle: fail its own write only
-            data = frame(self._picklable(ops))
+            ops = self._picklable(ops)
+            data = frame(ops)
+        self._unanswered.extend(op for op in ops if op[0] != "stop")
         self._outbox += data
         self._flush_outbox()
 
@@ -510,6 +522,16 @@ class SQLiteStore:
         self._loop.remove_writer(self._to_writer)
         self._flush_outbox()
 
+    def _attach(self, writer: subprocess.Popen[bytes]) -> None:
+        assert writer.stdin is not None and writer.stdout is not None  # PIPE
+        self._writer = writer
+        self._to_writer = writer.stdin.fileno()
+        self._from_writer = writer.stdout.fileno()
+        self._frames = Frames()
+        self._outbox = bytearray()  # frames the pipe did not take yet
+        os.set_blocking(self._from_writer, False)
+        self._loop.add_reader(self._from_writer, self._receive)
+
     def _receive(self) -> None:
         """On the loop, when the writer has answered: resolve the waiters of each group."""
         try:
@@ -521,9 +543,15 @@ class SQLiteStore:
         if not data:
             self._writer_died()
             return
-        for results, groups, checkpoints in self._frames.feed(data):
-            self._groups, self._checkpoints = groups, checkpoints
+        for answer in self._frames.feed(data):
+            if isinstance(answer[0], str):  # ("ready", pid)
+                continue
+            results, self._groups, self._checkpoints = answer
             self._resolve(results)
+        # A group answers every op of the frames it took: the oldest ones go first.
+        unanswered = self._unanswered
+        while unanswered and not any(token in self._sent for token in unanswered[0][1]):
+            unanswered.popleft()
 
     def _resolve(self, results: list[tuple[int, int, tuple[str, str] | None]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, int, BaseException | None]]] = {}
@@ -555,11 +583,30 @@ class SQLiteStore:
     def _writer_died(self) -> None:
         if not self._writer_alive:
             return
-        self._writer_alive = False
         self._loop.remove_reader(self._from_writer)
         self._loop.remove_writer(self._to_writer)
-        if not self._closing:
-            logger.critical("store: the writer process of %s exited (exit code %s)", self._path, self._writer.poll())
+        self._exited.append(self._writer)
+        code = self._writer.poll()
+        now = time.monotonic()
+        if not self._closing and (self._restarted_at is None or now - self._restarted_at >= _RESTART_AFTER_S):
+            # Killed on its own (the OOM killer, an operator): start another and send it again
+            # everything not answered. Every write is an upsert, or an event batch whose stored
+            # seqs the database refuses to repeat, so one the dead writer did commit is harmless.
+            logger.error("store: the writer process of %s exited (exit code %s); starting another, and sending "
+                         "it the %d writes it had not answered", self._path, code, len(self._sent))
+            self._restarted_at = now
+            try:
+                self._attach(_spawn_writer(self._path, self._synchronous))
+            except OSError as exc:
+                logger.critical("store: cannot start a writer process for %s: %s", self._path, exc)
+            else:
+                self._outbox += frame(list(self._unanswered))
+                self._flush_outbox()
+                return
+        elif not self._closing:
+            logger.critical("store: the writer process of %s exited again (exit code %s) within %g s of a restart; "
+                            "writes fail from now on", self._path, code, _RESTART_AFTER_S)
+        self._writer_alive = False
         self._fail_all(RuntimeError(f"the writer process of the store {self._path} has stopped; see the log"))
         self._writer_gone.set()
 
@@ -727,10 +774,11 @@ class SQLiteStore:
             self._closed.set()
 
     def _release_blocking(self) -> None:
-        self._writer.wait()
-        for pipe in (self._writer.stdin, self._writer.stdout):
-            if pipe is not None:
-                pipe.close()
+        for writer in (*self._exited, self._writer):
+            writer.wait()
+            for pipe in (writer.stdin, writer.stdout):
+                if pipe is not None:
+                    pipe.close()
         with self._lock:
             idle, self._idle_readers = self._idle_readers, []
         for conn in idle:

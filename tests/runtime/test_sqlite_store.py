@@ -612,7 +612,7 @@ async def test_a_faulty_event_is_dropped_alone_and_the_writer_continues(tmp_path
 
 @pytest.mark.anyio
 async def test_unencodable_values_fail_their_writer_not_the_store(tmp_path: Path) -> None:
-    # Records are encoded in the writer thread (JSON encoding stays off the event loop): an
+    # Records are encoded by the writer process (JSON encoding stays off the event loop): an
     # awaited write with an unencodable value fails for its caller; an event batch is dropped
     # and counted; the writer goes on.
     with anyio.fail_after(10):
@@ -722,17 +722,50 @@ async def test_the_writer_outlasts_signals_meant_for_the_service(tmp_path: Path)
 
 
 @pytest.mark.anyio
-async def test_a_killed_writer_fails_the_writes_instead_of_losing_them_silently(tmp_path: Path) -> None:
-    with anyio.fail_after(10):
+async def test_a_killed_writer_is_replaced_and_no_write_is_lost(tmp_path: Path) -> None:
+    # Killed on its own (the OOM killer, an operator), the writer is replaced and gets every
+    # write it had not answered, in order: the awaited ones return as if nothing happened.
+    with anyio.fail_after(20):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            first = store.writer_pid
+            done = 0
+
+            async def agent(i: int) -> None:
+                nonlocal done
+                store.append_events([event("r", i + 1, "agent.completed", i=i)])
+                await store.save_call(call("r", i, output={"i": i}))
+                done += 1
+
+            async with anyio.create_task_group() as tg:
+                for i in range(400):
+                    tg.start_soon(agent, i)
+                    if i == 200:
+                        os.kill(first, signal.SIGKILL)  # writes before this one are in flight
+            assert done == 400
+            assert store.writer_pid != first
+            await store.save_run(run("r"))
+            assert [c.output for c in await store.list_calls("r")] == [{"i": i} for i in range(400)]
+            assert [e.seq for e in await store.read_events("r")] == list(range(1, 401))
+            assert store.statistics().queued == 0
+
+
+@pytest.mark.anyio
+async def test_a_writer_that_dies_again_soon_after_its_replacement_fails_the_writes(tmp_path: Path) -> None:
+    with anyio.fail_after(20):
         store = await SQLiteStore.open(tmp_path / "q.db")
         await store.save_call(call("r", 0))
-        os.kill(store.writer_pid, signal.SIGKILL)
+        first = store.writer_pid
+        os.kill(first, signal.SIGKILL)
+        await store.save_call(call("r", 1))  # answered by the replacement
+        assert store.writer_pid != first
+        os.kill(store.writer_pid, signal.SIGKILL)  # a crash loop: no third writer
         with pytest.raises(RuntimeError, match="writer process .* has stopped"):
-            await store.save_call(call("r", 1))
+            await store.save_call(call("r", 2))
         with pytest.raises(RuntimeError, match="has stopped"):
-            await store.save_call(call("r", 2))  # and every write after it, at once
+            await store.save_call(call("r", 3))  # and every write after it, at once
         await store.aclose()
-        assert [c.index for c in await _calls_after_reopen(tmp_path / "q.db", "r")] == [0]
+        assert not _alive(first)
+        assert [c.index for c in await _calls_after_reopen(tmp_path / "q.db", "r")] == [0, 1]
 
 
 async def _calls_after_reopen(path: Path, run_id: str) -> list[CallRecord]:
@@ -794,3 +827,30 @@ async def test_multi_row_statements_fit_a_low_parameter_limit(tmp_path: Path) ->
         async with await SQLiteStore.open(path) as store:
             assert [c.output for c in await store.list_calls("r")] == [{"i": i} for i in range(300)]
             assert [e.seq for e in await store.read_events("r")] == list(range(1, 501))
+
+
+@pytest.mark.anyio
+async def test_an_engine_outlives_a_store_whose_writer_is_gone_for_good(tmp_path: Path) -> None:
+    # Its runs cannot journal any more and end; the engine, and the service with it, stay up.
+    from runtime import Engine, RunRequest, SimulateBackend, load_settings
+
+    with anyio.fail_after(20):
+        store = await SQLiteStore.open(tmp_path / "q.db")
+        try:
+            async with Engine(load_settings(), store, backends={"simulate": SimulateBackend()},
+                              recover=False) as engine:
+                script = "return await parallel(Array.from({length: 40}, (_, i) => () => agent('a' + i)))"
+                record = await engine.submit(RunRequest(script=script, options={
+                    "backend": "simulate", "concurrency": 2, "simulate": {"latency_ms": 50}}))
+                os.kill(store.writer_pid, signal.SIGKILL)
+                while store.statistics().queued:  # the replacement has taken over
+                    await anyio.sleep(0.01)
+                os.kill(store.writer_pid, signal.SIGKILL)  # and dies too: no third one
+                live = engine.live(record.id)
+                assert live is not None
+                await live.done.wait()
+                assert live.status.value == "failed"
+                assert live.record.error is not None and live.record.error["name"] == "StoreError"
+                # It stays "running" in the database: the next start recovers it from its journal.
+        finally:
+            await store.aclose()
