@@ -329,7 +329,14 @@ class Engine:
         except Exception:  # a bug must end this run, not the service
             logger.exception("run %s crashed", run.id)
             with anyio.CancelScope(shield=True):
-                await run.finish(ScriptFailure("internal", "InternalError", "the run crashed inside quickflow"), None)
+                try:
+                    await run.finish(ScriptFailure("internal", "InternalError", "the run crashed inside quickflow"),
+                                     None)
+                except Exception:  # the store itself failing (its writer gone): still not the service
+                    logger.exception("run %s: its failure could not be recorded", run.id)
+                    run.abandon(ScriptFailure(
+                        "internal", "StoreError", "the run's journal could not be written (see the service log); "
+                        "the service recovers the run from its journal when it starts again"))
 
     async def _recover_runs(self) -> None:
         for record in await self.store.runs_with_status(

@@ -169,6 +169,18 @@ class Run:
         with anyio.CancelScope(shield=True):
             await self.finish(failure, result)
 
+    def abandon(self, failure: ScriptFailure) -> None:
+        """The run's end could not be saved (the store failed): end it in memory only, so that
+        those waiting for it are released. The database keeps the run as it last saved it, so
+        the service's next start recovers it from its journal."""
+        if self.done.is_set():
+            return
+        self.status = RunStatus.FAILED
+        self.record = replace(self.record, status=RunStatus.FAILED.value, finished_at=time.time(),
+                              error=failure.to_dict() | {"message": failure.describe()})
+        self.events.close()
+        self.done.set()
+
     async def finish(self, failure: ScriptFailure | None, result: Any) -> None:
         now = time.time()
         for call in self.calls.values():
