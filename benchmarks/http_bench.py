@@ -89,7 +89,14 @@ def serve(start_timeout_s: float = 60) -> Iterator[Server]:
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError("the server never became healthy:\n" + "\n".join(lines[-20:]))
             time.sleep(0.05)
-        yield server
+        try:
+            yield server
+        except BaseException:
+            # Whatever the server said last, and whether it is still there: a trial that fails
+            # with a reset connection says nothing about why.
+            print(f"the server (exit status {process.poll()}) said last:", *lines[-40:], sep="\n  ",
+                  file=sys.stderr)
+            raise
     finally:
         process.terminate()
         try:
