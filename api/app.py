@@ -1,6 +1,6 @@
 """The FastAPI application: HTTP API, SSE, dashboard. ``create_app`` wires it to an engine.
 
-Service-lifetime work (the store's writer thread, the engine's task group with every run)
+Service-lifetime work (the store's writer process, the engine's task group with every run)
 starts in the lifespan and ends with it; ``GET /healthz`` answers once both are ready.
 """
 
