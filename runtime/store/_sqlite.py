@@ -79,7 +79,7 @@ from ._rows import (
     SELECT_WORKFLOW, Row, call_fields, call_from_row, event_fields, event_from_row, loads, run_from_row,
     run_params, workflow_from_row, workflow_params,
 )
-from ._writer import BOOT, BUSY_TIMEOUT_S, Frames, Op, frame
+from ._writer import BOOT, BUSY_TIMEOUT_S, Frames, Op, frame, rollback
 
 if TYPE_CHECKING:
     from ._protocol import Store
@@ -149,14 +149,6 @@ def _fetch(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> li
     # Always fetch to the end: a half-read cursor keeps its read transaction open, which would
     # pin an old snapshot on this pooled connection and hold back WAL checkpoints.
     return conn.execute(sql, params).fetchall()
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            logger.exception("store: ROLLBACK failed")
 
 
 def _error(described: tuple[str, str]) -> BaseException:
@@ -663,7 +655,7 @@ class SQLiteStore:
         try:
             return query(conn)
         finally:
-            _rollback(conn)  # a failed query must not leave a snapshot open on a pooled connection
+            rollback(conn)  # a failed query must not leave a snapshot open on a pooled connection
             self._checkin(conn)
 
     async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:

@@ -48,7 +48,7 @@ from typing import Any
 from ._checkpointer import CHECKPOINT_GROUP_ROWS, Checkpointer
 from ._rows import INSERT_EVENT_BATCH, SAVE_CALL, call_row, event_batch_rows, insert_rows
 
-__all__ = ["BOOT", "BUSY_TIMEOUT_S", "Frames", "Op", "frame", "main"]
+__all__ = ["BOOT", "BUSY_TIMEOUT_S", "Frames", "Op", "frame", "main", "rollback"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,12 +148,13 @@ def _describe(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__, str(exc)
 
 
-def _rollback(conn: sqlite3.Connection) -> None:
+def rollback(conn: sqlite3.Connection) -> None:
+    """End the connection's transaction, if it has one (the writer's, or a read's snapshot)."""
     if conn.in_transaction:
         try:
             conn.execute("ROLLBACK")
         except sqlite3.Error:
-            logger.exception("ROLLBACK failed")
+            logger.exception("store: ROLLBACK failed")
 
 
 class _Writer:
@@ -210,7 +211,7 @@ class _Writer:
                     raise _WriteFailed(exc) from exc
             conn.execute("COMMIT")
         except BaseException:
-            _rollback(conn)
+            rollback(conn)
             raise
         return values
 
