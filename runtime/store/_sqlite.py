@@ -579,13 +579,16 @@ class SQLiteStore:
         self._loop.remove_writer(self._to_writer)
         self._exited.append(self._writer)
         code = self._writer.poll()
+        if code is None:  # its pipe closed first: reap it once it is gone, not at aclose
+            self._loop.call_later(1.0, self._reap_exited)
+        how = "exited" if code is None else f"exited (exit code {code})"
         now = time.monotonic()
         if not self._closing and (self._restarted_at is None or now - self._restarted_at >= _RESTART_AFTER_S):
             # Killed on its own (the OOM killer, an operator): start another and send it again
             # everything not answered. Every write is an upsert, or an event batch whose stored
             # seqs the database refuses to repeat, so one the dead writer did commit is harmless.
-            logger.error("store: the writer process of %s exited (exit code %s); starting another, and sending "
-                         "it the %d writes it had not answered", self._path, code, len(self._sent))
+            logger.error("store: the writer process of %s %s; starting another, and sending it the %d writes "
+                         "it had not answered", self._path, how, len(self._sent))
             self._restarted_at = now
             try:
                 self._attach(_spawn_writer(self._path, self._synchronous))
@@ -596,11 +599,18 @@ class SQLiteStore:
                 self._flush_outbox()
                 return
         elif not self._closing:
-            logger.critical("store: the writer process of %s exited again (exit code %s) within %g s of a restart; "
-                            "writes fail from now on", self._path, code, _RESTART_AFTER_S)
+            logger.critical("store: the writer process of %s %s, within %g s of a restart; writes fail from now on",
+                            self._path, how, _RESTART_AFTER_S)
         self._writer_alive = False
         self._fail_all(RuntimeError(f"the writer process of the store {self._path} has stopped; see the log"))
         self._writer_gone.set()
+
+    def _reap_exited(self) -> None:
+        for writer in [w for w in self._exited if w.poll() is not None]:
+            self._exited.remove(writer)
+            for pipe in (writer.stdin, writer.stdout):
+                if pipe is not None:
+                    pipe.close()
 
     def _fail_all(self, error: BaseException) -> None:
         """The writer is gone: every write sent or pending fails, and nobody will commit it."""
