@@ -55,7 +55,6 @@ import copy
 import fcntl
 import logging
 import os
-import pickle
 import select
 import sqlite3
 import subprocess
@@ -164,14 +163,12 @@ def _error(described: tuple[str, str]) -> BaseException:
     return RuntimeError(f"{name}: {message}")
 
 
-def _unpicklable(value: Any, token: int | None, failed: list[tuple[int, int, tuple[str, str] | None]]) -> bool:
+def _frames(op: Op) -> bool:
     try:
-        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        if token is not None:
-            failed.append((token, 0, (type(exc).__name__, f"the value cannot be handed to the writer: {exc}")))
-        return True
-    return False
+        frame([op])
+    except Exception:
+        return False
+    return True
 
 
 def _copy_error(exc: BaseException) -> BaseException:
@@ -292,6 +289,8 @@ class SQLiteStore:
         self._calls_pending: deque[tuple[CallRecord, _Waiter]] = deque()
         self._writes_pending: deque[tuple[str, Row, str, _Waiter]] = deque()
         self._send_scheduled = False
+        self._sending = False
+        self._counted = (0, 0)  # groups and checkpoints of the writers before this one
         self._sent: dict[int, _Sent] = {}  # by token, until the writer answers
         self._next_token = 0
         # Ops sent and not answered yet, in order: sent again to a new writer if this one dies.
@@ -373,7 +372,10 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         self._writes_pending.append((sql, params, what, (loop, future)))
-        self._send_soon()
+        if threading.get_ident() != self._loop_thread:
+            self._send_from_elsewhere()
+        else:
+            self._send_soon()
         # If this task is cancelled here the write still happens; only the wait is abandoned.
         return await future
 
@@ -405,9 +407,11 @@ class SQLiteStore:
         self._check_open()
         pending = self._calls_pending
         pending.append((call, (loop, waiter)))
-        if len(pending) == 1:
+        if threading.get_ident() != self._loop_thread:
+            self._send_from_elsewhere()
+        elif len(pending) == 1:
             self._send_soon()
-        elif len(pending) == _EARLY_SEND and threading.get_ident() == self._loop_thread:
+        elif len(pending) == _EARLY_SEND:
             self._send()
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
@@ -417,18 +421,22 @@ class SQLiteStore:
             raise RuntimeError(f"the store {self._path} is closed")
         pending = self._events_pending
         pending.extend(events)
-        if len(pending) == len(events):
+        if threading.get_ident() != self._loop_thread:
+            self._send_from_elsewhere()
+        elif len(pending) == len(events):
             self._send_soon()
 
     def _send_soon(self) -> None:
-        # Once the loop has run this round's callbacks, so that everything they add goes in one
-        # frame (and one group).
+        # On the loop, once it has run this round's callbacks, so that everything they add goes
+        # in one frame (and one group).
         if not self._send_scheduled:
             self._send_scheduled = True
-            if threading.get_ident() == self._loop_thread:
-                self._loop.call_soon(self._send)
-            else:
-                self._loop.call_soon_threadsafe(self._send)
+            self._loop.call_soon(self._send)
+
+    def _send_from_elsewhere(self) -> None:
+        # From another thread, every time: two threads appending at once could each see the
+        # other's entry and neither schedule the send.
+        self._loop.call_soon_threadsafe(self._send)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -438,6 +446,16 @@ class SQLiteStore:
 
     def _send(self, *, stop: bool = False) -> None:
         """On the loop: send everything pending to the writer, events and journal entries first."""
+        if self._sending:  # a callback run while a frame is built: its writes go in the next one
+            self._send_soon()
+            return
+        self._sending = True
+        try:
+            self._send_pending(stop)
+        finally:
+            self._sending = False
+
+    def _send_pending(self, stop: bool) -> None:
         self._send_scheduled = False
         events = _pop_all(self._events_pending)
         entries = _pop_all(self._calls_pending)
@@ -460,8 +478,7 @@ class SQLiteStore:
         try:
             data = frame(ops)
         except Exception:  # a value that does not pickle: fail its own write only
-            ops = self._picklable(ops)
-            data = frame(ops)
+            ops, data = self._framed_apart(ops)
         self._unanswered.extend(op for op in ops if op[0] != "stop")
         self._outbox += data
         self._flush_outbox()
@@ -472,39 +489,61 @@ class SQLiteStore:
         self._sent[token] = _Sent(waiter, what, events)
         return token
 
-    def _picklable(self, ops: list[Op]) -> list[Op]:
-        """``ops`` without the values that do not pickle; their writes fail (events: dropped)."""
+    def _framed_apart(self, ops: list[Op]) -> tuple[list[Op], bytes]:
+        """``ops`` a frame each, and a journal entry or event alone where its op does not frame.
+        The writes that still do not fail once this frame is on its way (events: dropped)."""
         kept: list[Op] = []
+        frames: list[bytes] = []
         failed: list[tuple[int, int, tuple[str, str] | None]] = []
-        for kind, tokens, payload in ops:
+
+        def framed(op: Op) -> bool | BaseException:
+            try:
+                frames.append(frame([op]))
+            except Exception as exc:  # pickle errors, RecursionError: whatever the value raises
+                return exc
+            kept.append(op)
+            return True
+
+        def fail(tokens: list[int], exc: BaseException) -> None:
+            error = (type(exc).__name__, f"the value cannot be handed to the writer: {exc}")
+            failed.extend((token, 0, error) for token in tokens)
+
+        for op in ops:
+            kind, tokens, payload = op
+            outcome = framed(op)
+            if outcome is True:
+                continue
+            assert isinstance(outcome, BaseException)
             if kind == "calls":
-                pairs = [(token, fields) for token, fields in zip(tokens, payload)
-                         if not _unpicklable(fields, token, failed)]
-                if pairs:
-                    kept.append((kind, [token for token, _ in pairs], [fields for _, fields in pairs]))
+                for token, fields in zip(tokens, payload):
+                    one = framed(("calls", [token], [fields]))
+                    if one is not True:
+                        assert isinstance(one, BaseException)
+                        fail([token], one)
             elif kind == "events":
-                events = [fields for fields in payload if not _unpicklable(fields, None, failed)]
-                dropped = len(payload) - len(events)
-                if dropped:
-                    self._sent[tokens[0]].events -= dropped
-                    self._events_dropped += dropped
-                    logger.error("store: dropped %d events that cannot be handed to the writer", dropped)
-                if events:
-                    kept.append((kind, tokens, events))
+                good = [fields for fields in payload if _frames(("events", tokens, [fields]))]
+                if not good or framed(("events", tokens, good)) is not True:
+                    good = []
+                    self._sent.pop(tokens[0], None)  # nothing of the batch goes
                 else:
-                    self._sent.pop(tokens[0], None)
-            elif not _unpicklable(payload, tokens[0] if tokens else None, failed):
-                kept.append((kind, tokens, payload))
-        self._resolve(failed)
-        return kept
+                    self._sent[tokens[0]].events = len(good)
+                self._events_dropped += len(payload) - len(good)
+                logger.error("store: dropped %d events that cannot be handed to the writer: %s",
+                             len(payload) - len(good), outcome)
+            else:
+                fail(tokens, outcome)
+        self._loop.call_soon(self._resolve, failed)
+        return kept, b"".join(frames)
 
     def _flush_outbox(self) -> None:
         try:
             written = os.write(self._to_writer, self._outbox)
         except BlockingIOError:
             written = 0
-        except OSError:  # the writer is gone: its pipe says so too
-            self._writer_died()
+        except OSError:
+            # The writer is gone. Its answers may still wait in its pipe: the reader takes them,
+            # then the end of the pipe, and only then is the writer replaced.
+            self._loop.remove_writer(self._to_writer)
             return
         del self._outbox[:written]
         if self._outbox:
@@ -538,7 +577,8 @@ class SQLiteStore:
         for answer in self._frames.feed(data):
             if isinstance(answer[0], str):  # ("ready", pid)
                 continue
-            results, self._groups, self._checkpoints = answer
+            results, groups, checkpoints = answer
+            self._groups, self._checkpoints = self._counted[0] + groups, self._counted[1] + checkpoints
             self._resolve(results)
         # A group answers every op of the frames it took: the oldest ones go first.
         unanswered = self._unanswered
@@ -590,6 +630,7 @@ class SQLiteStore:
             logger.error("store: the writer process of %s %s; starting another, and sending it the %d writes "
                          "it had not answered", self._path, how, len(self._sent))
             self._restarted_at = now
+            self._counted = (self._groups, self._checkpoints)  # the new writer counts from 0
             try:
                 self._attach(_spawn_writer(self._path, self._synchronous))
             except OSError as exc:

@@ -33,6 +33,7 @@ This module runs in the writer process, which imports only it, ``_rows``, ``_rec
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -82,11 +83,34 @@ def frame(value: Any) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
-class Frames:
-    """Bytes in, whole frames out."""
+class _Foreign:
+    """Stands in for an instance of a class the writer does not load (see ``_DataUnpickler``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Loads what journal entries and events hold (JSON's types, and a few more built-ins) and
+    nothing else. A value of another class, which the service could pickle but this process may
+    not be able to import, becomes a ``_Foreign``: JSON encoding refuses it, so its write alone
+    fails, as it would have in the service."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("builtins", "copyreg"):
+            return super().find_class(module, name)
+        return _Foreign
+
+
+class Frames:
+    """Bytes in, whole frames out. ``data_only``: for frames from the store (``_DataUnpickler``)."""
+
+    def __init__(self, *, data_only: bool = False) -> None:
         self._buffer = bytearray()
+        self._data_only = data_only
 
     def feed(self, data: bytes) -> Iterator[Any]:
         self._buffer += data
@@ -95,9 +119,9 @@ class Frames:
             end = _LENGTH.size + size
             if len(self._buffer) < end:
                 return
-            value = pickle.loads(self._buffer[_LENGTH.size:end])
+            data = bytes(self._buffer[_LENGTH.size:end])
             del self._buffer[:end]
-            yield value
+            yield _DataUnpickler(io.BytesIO(data)).load() if self._data_only else pickle.loads(data)
 
 
 # --- the writer process ------------------------------------------------------------------------
@@ -221,7 +245,7 @@ class _Inbox:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._frames = Frames()
+        self._frames = Frames(data_only=True)
         self.closed = False
 
     def take(self) -> list[Op]:
