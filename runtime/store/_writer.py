@@ -280,15 +280,6 @@ def main(path: str, synchronous: str, *, inbox_fd: int = 0, outbox_fd: int = 1) 
     # its pipe stops it as well.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    # Woken for every answer it is sent, the writer would preempt the event loop that woke it
-    # (Linux favours a woken task), on a machine with few cores for ~100 µs a time: SCHED_BATCH
-    # takes that favour away. It still gets its share of the CPU; the loop's latency is what
-    # the runs feel.
-    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH"):
-        try:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        except OSError:
-            pass
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="quickflow store writer %(process)d: %(levelname)s %(message)s")
 
