@@ -52,13 +52,10 @@ from __future__ import annotations
 import asyncio
 import builtins
 import copy
-import fcntl
 import logging
 import os
-import select
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -78,7 +75,7 @@ from ._rows import (
     SELECT_WORKFLOW, Row, call_fields, call_from_row, event_fields, event_from_row, loads, run_from_row,
     run_params, workflow_from_row, workflow_params,
 )
-from ._writer import BOOT, BUSY_TIMEOUT_S, Frames, Op, frame, rollback
+from ._writer import BUSY_TIMEOUT_S, Frames, Op, WriterDidNotStart, frame, rollback, spawn_writer, start_writer
 
 if TYPE_CHECKING:
     from ._protocol import Store
@@ -95,21 +92,14 @@ _Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[int] | JournalCallbac
 # filling the batch, and the writer can commit the first part meanwhile.
 _EARLY_SEND = 32
 
-# How long ``open`` waits for the writer process to open its connection, and ``aclose`` for it
-# to commit what it was sent and exit, before giving up on it.
-_WRITER_START_S = 30.0
+# How long ``aclose`` waits for the writer process to commit what it was sent and exit.
 _WRITER_STOP_S = 30.0
 # A writer that dies is replaced, unless the last one was started less than this ago.
 _RESTART_AFTER_S = 10.0
 
-# The pipe to the writer (Linux allows up to /proc/sys/fs/pipe-max-size, 1 MiB by default).
-_PIPE_BYTES = 1 << 20
-
-# The writer's answers are small; a read buffer of a megabyte, allocated and shrunk at every
-# answer, fragmented the heap: RSS per parked run rose from about 220 to about 300 kB.
+# The writer's answers are small (a few bytes per write of a group): no need to allocate, and
+# shrink, a megabyte at every answer.
 _READ_BYTES = 1 << 16
-
-_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
@@ -218,52 +208,6 @@ def _prepare(path: Path) -> list[str]:
         conn.close()
 
 
-def _spawn_writer(path: Path, synchronous: str) -> subprocess.Popen[bytes]:
-    """Start a writer process; its pipes are non-blocking, for the event loop.
-
-    WAL + synchronous=NORMAL: a COMMIT has written its frames to the WAL file (the OS has them)
-    before the writer answers, but is not fsync'ed. So every committed transaction survives a
-    crash or SIGKILL of the service; an OS crash or power loss can lose the last commits (the
-    database stays consistent). ``synchronous="FULL"`` fsyncs each group commit.
-    """
-    process = subprocess.Popen(
-        [sys.executable, "-c", BOOT, _PROJECT_ROOT, str(path), synchronous],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
-    )
-    assert process.stdin is not None and process.stdout is not None  # PIPE
-    if hasattr(fcntl, "F_SETPIPE_SZ"):
-        # A burst (a thousand agents' entries and events, a few hundred kB) then fits the pipe
-        # whole, and the writer takes it as one group instead of one per 64 kB.
-        try:
-            fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-        except OSError:
-            pass
-    os.set_blocking(process.stdin.fileno(), False)
-    return process
-
-
-def _start_writer(path: Path, synchronous: str) -> subprocess.Popen[bytes]:
-    """Start a writer process and wait until its connection is open (blocking: in a thread)."""
-    process = _spawn_writer(path, synchronous)
-    assert process.stdout is not None  # PIPE
-    fd = process.stdout.fileno()
-    try:
-        if not select.select([fd], [], [], _WRITER_START_S)[0]:
-            raise ConfigError(f"the store's writer process did not start within {_WRITER_START_S:g} s")
-        # The ready frame is all it sends before it is sent something, in one write of a few
-        # bytes (pipes deliver those whole).
-        ready = list(Frames().feed(os.read(fd, 4096)))
-        if not ready or ready[0][:1] != ("ready",):
-            raise ConfigError(f"the store's writer process for {path} exited at start "
-                              f"(exit code {process.wait()}); see its error above")
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    os.set_blocking(fd, False)
-    return process
-
-
 class SQLiteStore:
     """The ``Store`` over one SQLite file. Create with :meth:`open`, release with :meth:`aclose`."""
 
@@ -329,7 +273,10 @@ class SQLiteStore:
         # ``_WRITER_START_S``.
         with anyio.CancelScope(shield=True):
             applied = await anyio.to_thread.run_sync(_prepare, path)
-            writer = await anyio.to_thread.run_sync(_start_writer, path, synchronous)
+            try:
+                writer = await anyio.to_thread.run_sync(start_writer, path, synchronous)
+            except WriterDidNotStart as exc:
+                raise ConfigError(str(exc)) from exc
         return cls(path, writer, synchronous, applied, readers, loop)
 
     @property
@@ -632,7 +579,7 @@ class SQLiteStore:
             self._restarted_at = now
             self._counted = (self._groups, self._checkpoints)  # the new writer counts from 0
             try:
-                self._attach(_spawn_writer(self._path, self._synchronous))
+                self._attach(spawn_writer(self._path, self._synchronous))
             except OSError as exc:
                 logger.critical("store: cannot start a writer process for %s: %s", self._path, exc)
             else:

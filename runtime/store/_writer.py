@@ -28,11 +28,13 @@ entry, a batch of events event by event). If BEGIN or COMMIT fails, every write 
 gets the error. The writer keeps running either way; it reports, the store logs.
 
 This module runs in the writer process, which imports only it, ``_rows``, ``_records`` and
-``_checkpointer`` (see ``BOOT``): nothing of the service, and none of its start-up time.
+``_checkpointer`` (see ``BOOT``): nothing of the service, and none of its start-up time. The
+store starts writers with ``spawn_writer`` and ``start_writer``, which run in its own process.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
 import os
@@ -41,15 +43,17 @@ import select
 import signal
 import sqlite3
 import struct
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from ._checkpointer import CHECKPOINT_GROUP_ROWS, Checkpointer
 from ._rows import INSERT_EVENT_BATCH, SAVE_CALL, call_row, event_batch_rows, insert_rows
 
-__all__ = ["BOOT", "BUSY_TIMEOUT_S", "Frames", "Op", "frame", "main", "rollback"]
+__all__ = ["BOOT", "BUSY_TIMEOUT_S", "Frames", "Op", "WriterDidNotStart", "frame", "main", "rollback", "spawn_writer", "start_writer"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +126,66 @@ class Frames:
             data = bytes(self._buffer[_LENGTH.size:end])
             del self._buffer[:end]
             yield _DataUnpickler(io.BytesIO(data)).load() if self._data_only else pickle.loads(data)
+
+
+# --- starting one (in the store's process) ---------------------------------------------------------
+
+# How long ``start_writer`` waits for the writer to open its connection.
+START_S = 30.0
+# The pipe to the writer (Linux allows up to /proc/sys/fs/pipe-max-size, 1 MiB by default).
+PIPE_BYTES = 1 << 20
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class WriterDidNotStart(RuntimeError):
+    pass
+
+
+def spawn_writer(path: Path, synchronous: str) -> subprocess.Popen[bytes]:
+    """Start a writer process; its pipes are non-blocking, for the event loop.
+
+    WAL + synchronous=NORMAL: a COMMIT has written its frames to the WAL file (the OS has them)
+    before the writer answers, but is not fsync'ed. So every committed transaction survives a
+    crash or SIGKILL of the service; an OS crash or power loss can lose the last commits (the
+    database stays consistent). ``synchronous="FULL"`` fsyncs each group commit.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-c", BOOT, _PROJECT_ROOT, str(path), synchronous],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+    )
+    assert process.stdin is not None and process.stdout is not None  # PIPE
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        # A burst (a thousand agents' entries and events, a few hundred kB) then fits the pipe
+        # whole, and the writer takes it as one group instead of one per 64 kB.
+        try:
+            fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass
+    os.set_blocking(process.stdin.fileno(), False)
+    return process
+
+
+def start_writer(path: Path, synchronous: str) -> subprocess.Popen[bytes]:
+    """Start a writer process and wait until its connection is open (blocking: in a thread)."""
+    process = spawn_writer(path, synchronous)
+    assert process.stdout is not None  # PIPE
+    fd = process.stdout.fileno()
+    try:
+        if not select.select([fd], [], [], START_S)[0]:
+            raise WriterDidNotStart(f"the store's writer process did not start within {START_S:g} s")
+        # The ready frame is all it sends before it is sent something, in one write of a few
+        # bytes (pipes deliver those whole).
+        ready = list(Frames().feed(os.read(fd, 4096)))
+        if not ready or ready[0][:1] != ("ready",):
+            raise WriterDidNotStart(f"the store's writer process for {path} exited at start "
+                              f"(exit code {process.wait()}); see its error above")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    os.set_blocking(fd, False)
+    return process
+
 
 
 # --- the writer process ------------------------------------------------------------------------
