@@ -270,7 +270,7 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         # Shielded: the worker thread finishes regardless, and a cancellation arriving meanwhile
         # would leave the writer process without an owner. Bounded by the busy timeout and
-        # ``_WRITER_START_S``.
+        # ``_writer.START_S``.
         with anyio.CancelScope(shield=True):
             applied = await anyio.to_thread.run_sync(_prepare, path)
             try:
@@ -319,10 +319,7 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         self._writes_pending.append((sql, params, what, (loop, future)))
-        if threading.get_ident() != self._loop_thread:
-            self._send_from_elsewhere()
-        else:
-            self._send_soon()
+        self._send_soon()
         # If this task is cancelled here the write still happens; only the wait is abandoned.
         return await future
 
@@ -354,36 +351,29 @@ class SQLiteStore:
         self._check_open()
         pending = self._calls_pending
         pending.append((call, (loop, waiter)))
-        if threading.get_ident() != self._loop_thread:
-            self._send_from_elsewhere()
-        elif len(pending) == 1:
-            self._send_soon()
-        elif len(pending) == _EARLY_SEND:
+        if len(pending) == _EARLY_SEND and threading.get_ident() == self._loop_thread:
             self._send()
+        else:
+            self._send_soon()
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
         if not events:
             return
         if self._closing:
             raise RuntimeError(f"the store {self._path} is closed")
-        pending = self._events_pending
-        pending.extend(events)
-        if threading.get_ident() != self._loop_thread:
-            self._send_from_elsewhere()
-        elif len(pending) == len(events):
-            self._send_soon()
+        self._events_pending.extend(events)
+        self._send_soon()
 
     def _send_soon(self) -> None:
-        # On the loop, once it has run this round's callbacks, so that everything they add goes
-        # in one frame (and one group).
-        if not self._send_scheduled:
+        if threading.get_ident() != self._loop_thread:
+            # From another thread, every time: a flag two threads read at once could have each
+            # leave the send to the other.
+            self._loop.call_soon_threadsafe(self._send)
+        elif not self._send_scheduled:
+            # On the loop, once it has run this round's callbacks, so that everything they add
+            # goes in one frame (and one group).
             self._send_scheduled = True
             self._loop.call_soon(self._send)
-
-    def _send_from_elsewhere(self) -> None:
-        # From another thread, every time: two threads appending at once could each see the
-        # other's entry and neither schedule the send.
-        self._loop.call_soon_threadsafe(self._send)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -443,13 +433,14 @@ class SQLiteStore:
         frames: list[bytes] = []
         failed: list[tuple[int, int, tuple[str, str] | None]] = []
 
-        def framed(op: Op) -> bool | BaseException:
+        def framed(op: Op) -> BaseException | None:
+            """None once ``op`` is framed and kept, else why it does not frame."""
             try:
                 frames.append(frame([op]))
             except Exception as exc:  # pickle errors, RecursionError: whatever the value raises
                 return exc
             kept.append(op)
-            return True
+            return None
 
         def fail(tokens: list[int], exc: BaseException) -> None:
             error = (type(exc).__name__, f"the value cannot be handed to the writer: {exc}")
@@ -458,18 +449,15 @@ class SQLiteStore:
         for op in ops:
             kind, tokens, payload = op
             outcome = framed(op)
-            if outcome is True:
+            if outcome is None:
                 continue
-            assert isinstance(outcome, BaseException)
             if kind == "calls":
                 for token, fields in zip(tokens, payload):
-                    one = framed(("calls", [token], [fields]))
-                    if one is not True:
-                        assert isinstance(one, BaseException)
-                        fail([token], one)
+                    if (why := framed(("calls", [token], [fields]))) is not None:
+                        fail([token], why)
             elif kind == "events":
                 good = [fields for fields in payload if _frames(("events", tokens, [fields]))]
-                if not good or framed(("events", tokens, good)) is not True:
+                if not good or framed(("events", tokens, good)) is not None:
                     good = []
                     self._sent.pop(tokens[0], None)  # nothing of the batch goes
                 else:

@@ -178,14 +178,13 @@ def start_writer(path: Path, synchronous: str) -> subprocess.Popen[bytes]:
         ready = list(Frames().feed(os.read(fd, 4096)))
         if not ready or ready[0][:1] != ("ready",):
             raise WriterDidNotStart(f"the store's writer process for {path} exited at start "
-                              f"(exit code {process.wait()}); see its error above")
+                                    f"(exit code {process.wait()}); see its error above")
     except BaseException:
         process.kill()
         process.wait()
         raise
     os.set_blocking(fd, False)
     return process
-
 
 
 # --- the writer process ------------------------------------------------------------------------
