@@ -17,6 +17,9 @@ __all__ = ["serve_forever"]
 
 logger = logging.getLogger("quickflow.server")
 
+#: uvicorn's loop factory: asyncio on the loop whose timers fire on time, as for `quickflow run`.
+LOOP = "runtime.eventloop:new_event_loop"
+
 
 def serve_forever(settings: Settings) -> int:
     """Bind, publish the daemon file when running as a local daemon, serve until a signal."""
@@ -42,7 +45,8 @@ def serve_forever(settings: Settings) -> int:
             print(f"no token configured: generated one, saved (0600) to {daemon_file()}", flush=True)
     print(f"quickflow listening on {url} (data dir {settings.data_dir})", flush=True)
     app = create_app(settings, generated_token=generated)
-    config = uvicorn.Config(app, log_level=os.environ.get("QUICKFLOW_LOG_LEVEL", "info"), timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, loop=LOOP,
+                            log_level=os.environ.get("QUICKFLOW_LOG_LEVEL", "info"), timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -28,7 +28,7 @@ from typing import Any
 
 import anyio
 
-from runtime import RunRequest
+from runtime import RunRequest, eventloop
 
 from .measure import percentile, rss_bytes
 from .scenarios import PARALLEL_SCRIPT, Bench, open_bench, options
@@ -133,7 +133,7 @@ def main() -> None:
                         help="simulated agent latency; only needs to outlast the measurement (runs are cancelled)")
     parser.add_argument("--window-s", type=float, default=3.0, help="each event-loop lag window")
     ns = parser.parse_args()
-    result = anyio.run(measure, ns.runs, ns.agents, ns.latency_s, ns.window_s)
+    result = anyio.run(measure, ns.runs, ns.agents, ns.latency_s, ns.window_s, backend_options=eventloop.run_options())
     json.dump(result, sys.stdout)
 
 

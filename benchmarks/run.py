@@ -29,6 +29,8 @@ from typing import Any
 
 import anyio
 
+from runtime import eventloop
+
 from . import baselines, http_bench, report, scenarios
 from .measure import Figure, git_commit, machine_info, summarize
 
@@ -227,7 +229,7 @@ async def _http(profile: Profile, out: Collector, server: http_bench.Server) -> 
 def http(profile: Profile, out: Collector) -> None:
     with http_bench.serve() as server:
         log(f"HTTP: server at {server.url}")
-        anyio.run(_http, profile, out, server)
+        anyio.run(_http, profile, out, server, backend_options=eventloop.run_options())
 
 
 # --- entry point ----------------------------------------------------------------------------
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 meta["langgraph_versions"] = peer.versions
             log(f"in-process scenarios ({mode}: {profile.trials} trials each, LangGraph "
                 f"{profile.langgraph_trials})")
-            anyio.run(in_process, ns.selected, profile, out, peer)
+            anyio.run(in_process, ns.selected, profile, out, peer, backend_options=eventloop.run_options())
     if "many_runs" in ns.selected:
         log("many runs (fresh process per trial)")
         many_runs(profile, out)
