@@ -49,8 +49,12 @@ _HOLD_MIN_CALL_S = 0.005
 
 def pipeline_hint(hint: Any) -> tuple[int, int, int] | None:
     """``[stage, item, stages]`` from the prelude when a pipeline stage started the call."""
-    if isinstance(hint, list) and len(hint) == 3 and all(isinstance(x, int) for x in hint):
-        return hint[0], hint[1], hint[2]
+    # Runs for every agent: three isinstance() calls, not all() over a generator (2% of the
+    # event loop's time in a 100 x 3 pipeline trial, py-spy).
+    if isinstance(hint, list) and len(hint) == 3:
+        stage, item, stages = hint
+        if isinstance(stage, int) and isinstance(item, int) and isinstance(stages, int):
+            return stage, item, stages
     return None
 
 
