@@ -217,7 +217,8 @@ def run(script: str, args_text: str | None, workflows_dir: Path | None, as_json:
     name, source = read_script(script)
     args, has_args = parse_args(args_text)
     request = RunRequest(script=source, args=args, has_args=has_args, options=run_options(**flags))
-    sys.exit(anyio.run(_run_local, name, request, workflows_dir, as_json, quiet, backend_options=eventloop.run_options()))
+    sys.exit(anyio.run(_run_local, name, request, workflows_dir, as_json, quiet,
+                       backend_options=eventloop.run_options()))
 
 
 async def _run_local(name: str, request: RunRequest, workflows_dir: Path | None, as_json: bool, quiet: bool) -> int:

@@ -7,8 +7,10 @@ that waits on timers in rounds (16 agents of 50 ms, then the next 16) pays it in
 
 Here a wait with a timeout first waits on the epoll descriptor itself with ``select()``, whose
 timeout has microseconds, then collects the ready events without waiting. The descriptor is
-readable as soon as any registered one is ready, so I/O wakes the loop exactly as before. One
-more system call per wait in which the loop had nothing to do.
+readable as soon as any registered one is ready, so I/O wakes the loop exactly as before. It
+costs one more system call per wait with a timeout, and timers due within a millisecond of
+each other no longer share a wake-up (10,000 timers spread over one second: 221 ms of CPU
+against 130).
 
 The service (``quickflow serve``), ``quickflow run`` and the benchmarks run on
 :func:`new_event_loop`; an application embedding :class:`~runtime.Engine` may pass it to
@@ -38,6 +40,10 @@ if hasattr(selectors, "EpollSelector"):
             super().__init__()
             fd = self.fileno()
             self._waitable = [fd] if fd < _FD_SETSIZE else None
+
+        def close(self) -> None:
+            self._waitable = None  # the number may be reused by another file once closed
+            super().close()
 
         def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
             if timeout is not None and timeout > 0 and self._waitable is not None:

@@ -16,6 +16,8 @@ import anyio
 import httpx
 import pytest
 
+from runtime import eventloop
+
 from .conftest import assert_error, serve, start_run, wait_done, wait_for_event
 
 pytestmark = pytest.mark.anyio
@@ -49,9 +51,10 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    """Module-wide, so one server serves the whole table (the store snapshot keeps cases independent)."""
-    return "asyncio"
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    """Module-wide, so one server serves the whole table (the store snapshot keeps cases independent).
+    On the loop the service runs on, as everywhere (tests/conftest.py)."""
+    return "asyncio", eventloop.run_options()
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,38 @@ def test_a_wait_ends_when_a_registered_descriptor_is_ready() -> None:
         right.close()
 
 
+def test_a_wait_takes_its_timeout_in_microseconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[tuple[list[int], float | None]] = []
+    real = select.select
+
+    def spy(rlist: list[int], wlist: object, xlist: object, timeout: float | None = None) -> object:
+        waits.append((list(rlist), timeout))
+        return real(rlist, wlist, xlist, timeout)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(select, "select", spy)
+    selector = eventloop.PreciseEpollSelector()
+    try:
+        assert selector.select(0.0013) == []
+        assert waits == [([selector.fileno()], 0.0013)]  # not epoll's 2 ms
+        waits.clear()
+        assert selector.select(0) == []  # a poll does not wait
+        assert waits == []
+    finally:
+        selector.close()
+
+    async def sleep() -> None:
+        await asyncio.sleep(0.0013)
+
+    loop = eventloop.new_event_loop()
+    try:
+        loop.run_until_complete(sleep())
+    finally:
+        loop.close()
+    # The loop's wait for the timer, in microseconds: at most the 1.3 ms left, never rounded up.
+    timed = [timeout for _, timeout in waits if timeout]
+    assert timed and all(0 < timeout <= 0.0013 for timeout in timed)
+
+
 def test_a_wait_with_nothing_ready_ends_with_no_events() -> None:
     selector = eventloop.PreciseEpollSelector()
     left, right = socket.socketpair()
@@ -82,8 +114,9 @@ def test_timers_and_io_run_on_the_loop() -> None:
 
 @pytest.mark.anyio
 async def test_the_tests_run_on_it() -> None:
-    with anyio.fail_after(5):
-        assert isinstance(asyncio.get_running_loop()._selector, eventloop.PreciseEpollSelector)  # type: ignore[attr-defined]
+    with anyio.fail_after(5):  # every async test runs under a deadline
+        selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+        assert isinstance(selector, eventloop.PreciseEpollSelector)
 
 
 def test_the_service_runs_on_it() -> None:
