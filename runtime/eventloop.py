@@ -9,12 +9,12 @@ Here a wait with a timeout first waits on the epoll descriptor itself with ``sel
 timeout has microseconds, then collects the ready events without waiting. The descriptor is
 readable as soon as any registered one is ready, so I/O wakes the loop exactly as before. It
 costs one more system call per wait with a timeout, and timers due within a millisecond of
-each other no longer share a wake-up (10,000 timers spread over one second: 221 ms of CPU
-against 130).
+each other no longer share a wake-up (10,000 timers spread over one second: 230–245 ms of CPU
+against 113–138).
 
 The service (``quickflow serve``), ``quickflow run`` and the benchmarks run on
 :func:`new_event_loop`; an application embedding :class:`~runtime.Engine` may pass it to
-``anyio.run(..., backend_options={"loop_factory": new_event_loop})`` too.
+``anyio.run(..., backend_options=run_options())`` too.
 """
 
 from __future__ import annotations
