@@ -9,6 +9,7 @@ requests and return exactly the same result as a run that keeps its context.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -246,8 +247,7 @@ async def test_a_script_skipped_while_the_pool_was_busy_is_evicted_soon_after(mo
 
         def statistics(self) -> SlicePoolStatistics:
             stats = super().statistics()
-            return SlicePoolStatistics(stats.workers, stats.running, 1 if self.busy else stats.waiting,
-                                       stats.slices_total)
+            return replace(stats, waiting=1 if self.busy else stats.waiting)
 
     monkeypatch.setattr(runtime.script, "EVICT_RETRY_S", 0.05)
     idle_s = 1.0
