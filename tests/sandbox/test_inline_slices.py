@@ -175,41 +175,54 @@ def test_the_loop_gives_slices_a_share_of_its_time_and_a_burst_at_most() -> None
 
 @pytest.mark.anyio
 async def test_runs_whose_calls_answer_at_once_settle_on_the_loop_and_others_on_threads() -> None:
-    from runtime import Engine, RunRequest, SimulateBackend, load_settings
+    from runtime import AgentRequest, Engine, RunRequest, SimulateBackend, load_settings
     from runtime.store import MemoryStore
 
+    class Sleepy(SimulateBackend):
+        """Sleeps as many milliseconds as the prompt's last word says; 0: answers without awaiting."""
+
+        async def call(self, request: AgentRequest) -> Any:
+            delay_ms = float(request.prompt.split()[-1])
+            if delay_ms:
+                await anyio.sleep(delay_ms / 1000)
+            return await super().call(request)
+
     pool = SlicePool()
-    taken: list[tuple[str, int]] = []
+    taken: list[str] = []
     settle_inline, run = pool.settle_inline, pool.run
 
     def spy_inline(isolate: Isolate, results: Any, state: Any) -> Any:
         settled = settle_inline(isolate, results, state)
         if settled is not None:
-            taken.append(("loop", threading.get_ident()))
+            assert threading.current_thread() is threading.main_thread()
+            taken.append("loop")
         return settled
 
     async def spy_run(fn: Any) -> Any:
         if getattr(getattr(fn, "func", None), "__name__", "") == "settle":
-            taken.append(("thread", threading.get_ident()))
+            taken.append("thread")
         return await run(fn)
 
     pool.settle_inline = spy_inline  # type: ignore[method-assign]
     pool.run = spy_run  # type: ignore[method-assign]
-    script = ("const a = await pipeline([1, 2, 3], (x) => agent('s1 ' + x), (p) => agent('s2 ' + p))\n"
-              "return a.length")
-    async with Engine(load_settings(), MemoryStore(), backends={"simulate": SimulateBackend()}, pool=pool,
+    async with Engine(load_settings(), MemoryStore(), backends={"simulate": Sleepy()}, pool=pool,
                       recover=False) as engine:
         with anyio.fail_after(30):
-            record = await engine.wait((await engine.submit(RunRequest(script=script))).id)
-            assert record.status == "completed" and record.result == 3
-            assert {where for where, _ in taken} == {"loop"}
-            assert {ident for _, ident in taken} == {threading.get_ident()}
-            taken.clear()
-            # With latency, each result arrives while other calls still await their backend.
-            slow = RunRequest(script=script, options={"simulate": {"latency_ms": 30}})
-            record = await engine.wait((await engine.submit(slow)).id)
-            assert record.status == "completed" and record.result == 3
-            assert "thread" in {where for where, _ in taken}
-            live = engine.live(record.id)
-            assert live is not None and live.awaiting_backend == 0
+            async def run_script(script: str) -> Any:
+                taken.clear()
+                record = await engine.wait((await engine.submit(RunRequest(script=script))).id)
+                assert record.status == "completed", record.error
+                live = engine.live(record.id)
+                assert live is not None and live.awaiting_backend == 0
+                return record.result
+
+            # Every result comes back at once: the loop settles them all itself.
+            assert await run_script("const a = await pipeline([1, 2, 3], (x) => agent('s1 ' + x + ' 0'), "
+                                    "(p) => agent('s2 0'))\nreturn a.length") == 3
+            assert taken and set(taken) == {"loop"}
+            # The fast result arrives while the slow call awaits its backend: a worker thread
+            # settles it, and the loop settles the slow one, with nothing left awaiting.
+            assert await run_script("const r = await parallel([() => agent('fast 5'), () => agent('slow 300')])\n"
+                                    "return r.length") == 2
+            assert taken == ["thread", "loop"]
     assert pool.statistics().slices_inline >= 3
