@@ -9,6 +9,7 @@ requests and return exactly the same result as a run that keeps its context.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -56,7 +57,11 @@ def _answer(request: Request) -> tuple[bool, Any]:
     return True, f"answer<{prompt}>"
 
 
-def _drive(body: str, args: Any, *, evict: bool) -> tuple[list[tuple[str, str]], Any, int]:
+def drive_by_hand(body: str, args: Any,
+                  settle: Callable[[Isolate, list[tuple[int, bool, Any]], dict[str, int]], Slice],
+                  ) -> tuple[list[tuple[str, str]], Any, Isolate]:
+    """Drive a script to its end, one result per slice through ``settle``: the requests it made
+    (kind and payload), its result and its isolate."""
     isolate = Isolate()
     current: Slice = isolate.start(body, {**CONFIG, "args": args})
     pending: list[tuple[int, bool, Any]] = []
@@ -72,12 +77,20 @@ def _drive(body: str, args: Any, *, evict: bool) -> tuple[list[tuple[str, str]],
                 pending.append((request.id, True, None))
         if current.finished:
             assert current.failure is None, current.failure
-            return seen, current.result, isolate.evictions
+            return seen, current.result, isolate
         assert pending, "the script waits for nothing"
+        current = settle(isolate, [pending.pop(0)], {"spent": 0, "issued": issued})
+
+
+def _drive(body: str, args: Any, *, evict: bool) -> tuple[list[tuple[str, str]], Any, int]:
+    def settle(isolate: Isolate, results: list[tuple[int, bool, Any]], state: dict[str, int]) -> Slice:
         if evict:
             assert isolate.evict()
             assert isolate.evicted and not isolate.closed
-        current = isolate.settle([pending.pop(0)], {"spent": 0, "issued": issued})
+        return isolate.settle(results, state)
+
+    seen, result, isolate = drive_by_hand(body, args, settle)
+    return seen, result, isolate.evictions
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

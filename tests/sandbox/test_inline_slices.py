@@ -8,7 +8,6 @@ and return the same result as one driven on worker threads only.
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
@@ -18,31 +17,17 @@ import pytest
 from sandbox import Isolate, IsolateLimits, Slice, SlicePool, check_script
 from sandbox._pool import _LoopTime
 
-from .test_eviction import CONFIG, SCRIPTS, _answer
+from .test_eviction import CONFIG, SCRIPTS, drive_by_hand
 
 START = {**CONFIG, "args": None, "hasArgs": False}
 
 
 def _drive(body: str, args: Any, *, inline: bool) -> tuple[list[tuple[str, str]], Any, Isolate]:
-    isolate = Isolate()
-    current: Slice = isolate.start(body, {**CONFIG, "args": args})
-    pending: list[tuple[int, bool, Any]] = []
-    seen: list[tuple[str, str]] = []
-    issued = 0
-    while True:
-        for request in current.requests:
-            seen.append((request.kind, json.dumps(request.payload, sort_keys=True)))
-            if request.kind == "agent":
-                issued += 1
-                pending.append((request.id, *_answer(request)))
-            elif request.kind == "timer":
-                pending.append((request.id, True, None))
-        if current.finished:
-            assert current.failure is None, current.failure
-            return seen, current.result, isolate
-        batch, state = [pending.pop(0)], {"spent": 0, "issued": issued}
-        settled = isolate.settle_within(batch, state, 1.0) if inline else None
-        current = settled if settled is not None else isolate.settle(batch, state)
+    def settle(isolate: Isolate, results: list[tuple[int, bool, Any]], state: dict[str, int]) -> Slice:
+        settled = isolate.settle_within(results, state, 1.0) if inline else None
+        return settled if settled is not None else isolate.settle(results, state)
+
+    return drive_by_hand(body, args, settle)
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
