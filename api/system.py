@@ -68,8 +68,6 @@ class EngineCollector:
         yield GaugeMetricFamily("quickflow_slices_running", "Isolate slices running on workers", value=pool.running)
         yield GaugeMetricFamily("quickflow_slices_waiting", "Isolate slices waiting for a worker", value=pool.waiting)
         yield CounterMetricFamily("quickflow_slices", "Isolate slices run", value=pool.slices_total)
-        yield CounterMetricFamily("quickflow_slices_inline", "Isolate slices the event loop ran itself (short ones)",
-                                  value=pool.slices_inline)
         yield CounterMetricFamily("quickflow_isolate_evictions",
                                   "Isolates of waiting scripts given up to save memory (rebuilt by replay)",
                                   value=engine.isolate_evictions)

@@ -120,9 +120,6 @@ class Run:
         self._journal_error: BaseException | None = None
         self._settings: dict[str, Any] | None = None  # what backends get (see _backend_settings)
         self.issued = 0
-        # Calls awaiting their backend now (see _awaits): while there are none, the script's
-        # slices may run on the event loop (ScriptDriver._settle).
-        self.awaiting_backend = 0
         self.usage = Usage()
         self.cost_usd = 0.0
         self.spent = 0
@@ -538,14 +535,10 @@ class Run:
                 call.started_at = time.time()
                 call.scope = None  # the dispatcher opens one if the call awaits
                 self.events.emit(EventType.AGENT_STARTED, call.event_data())
-                try:
-                    outcome = await self.ctx.dispatcher.execute(
-                        backend, request, open_scope=lambda: self._awaits(call),
-                        on_retry=lambda attempt, error: self._on_retry(call, attempt, error),
-                    )
-                finally:
-                    if call.scope is not None:
-                        self.awaiting_backend -= 1
+                outcome = await self.ctx.dispatcher.execute(
+                    backend, request, open_scope=lambda: self._awaits(call),
+                    on_retry=lambda attempt, error: self._on_retry(call, attempt, error),
+                )
                 awaited = awaited or call.scope is not None
                 if call.restart_requested:
                     call.restart_requested = False
@@ -563,7 +556,6 @@ class Run:
     def _awaits(self, call: LiveCall) -> anyio.CancelScope:
         """The dispatcher's scope for a call that awaits (see ``Dispatcher.execute``): the calls
         queued behind it need workers of their own now."""
-        self.awaiting_backend += 1
         self.workers.start(every=True)
         return call.open_scope()
 

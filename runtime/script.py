@@ -121,20 +121,7 @@ class ScriptDriver:
             await self._wait_for_inbox()
             batch, self._inbox = self._inbox, []
             handled, self._batch_handled = self._batch_handled, None
-            current = await self._settle(batch)
-
-    async def _settle(self, batch: list[tuple[int, bool, Any]]) -> Slice:
-        """The slice that settles ``batch``: on the event loop while none of the run's calls
-        awaits its backend, since the loop would then only wait for a worker thread (see
-        ``SlicePool.settle_inline``); on a worker thread otherwise, or if that did not work out.
-        While calls await, the loop has their wake-ups to serve on time."""
-        state = self.run.js_state()
-        if not self.run.awaiting_backend:
-            settled = self._pool.settle_inline(self._isolate, batch, state)
-            if settled is not None:
-                await anyio.lowlevel.checkpoint()  # as the hand-over would: others' turn, and cancellation
-                return settled
-        return await self._pool.run(partial(self._isolate.settle, batch, state))
+            current = await self._pool.run(partial(self._isolate.settle, batch, self.run.js_state()))
 
     async def _wait_for_inbox(self) -> None:
         """Wait for a settlement. A script that waits long gives up its isolate's memory

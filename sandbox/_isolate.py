@@ -18,10 +18,6 @@ Invariants:
   references). Each replayed slice's outbox must match the original's, or the run fails
   rather than continue in a different state. Replay is bounded (``MAX_REPLAY_SLICES``,
   ``MAX_REPLAY_CPU_S``, ``MAX_EVICTIONS``) and its CPU is charged to the script.
-- A settlement may be tried on the calling thread under a short time limit
-  (:meth:`Isolate.settle_within`): the event loop then runs it without a hand-over to a worker
-  thread. Only while the script could be rebuilt by replay: a slice that runs over that limit
-  costs the context, and the worker thread that settles it again replays the script first.
 """
 
 from __future__ import annotations
@@ -172,18 +168,6 @@ def _settlement(results: Sequence[tuple[int, bool, Any]], state: Mapping[str, An
         return json.dumps(batch, separators=(",", ":"))
 
 
-def _plain_and_small(results: Sequence[tuple[int, bool, Any]]) -> bool:
-    """Whether a batch holds only strings, numbers, booleans and nulls, ``INLINE_MAX_CHARS``
-    of text in all: its size is known without encoding it. Other values may be of any size."""
-    chars = 0
-    for _, _, value in results:
-        if type(value) is str:
-            chars += len(value)
-        elif value is not None and type(value) not in (bool, int, float):
-            return False
-    return chars <= INLINE_MAX_CHARS
-
-
 def _parse_outbox(text: str) -> Any:
     """The requests of a slice, read by orjson: several times faster than the json module, on
     the slice thread under the GIL. What orjson reads differently takes the json module:
@@ -244,13 +228,6 @@ def user_position(stack: str) -> tuple[int, int] | None:
 MAX_REPLAY_SLICES = 256
 MAX_REPLAY_CPU_S = 0.25
 MAX_EVICTIONS = 64
-#: How often ``settle_within`` weighs the heap (see ``_replayable``): every this many slices.
-INLINE_HEAP_CHECK_EVERY = 16
-#: What ``settle_within`` expects one result to cost before a script's first settlement (CPU s):
-#: a pipeline stage that starts its next agent takes 9 µs, a result ``parallel`` collects 4.
-INLINE_FIRST_GUESS_S = 10e-6
-#: The most text a batch that ``settle_within`` tries may hold.
-INLINE_MAX_CHARS = 64 * 1024
 REPLAY_SLICE_S = 10.0  # the time limit of one replayed slice (see _rehydrate)
 
 
@@ -282,16 +259,6 @@ class Isolate:
         self._evicted = False
         self.evictions = 0
         self.replay_cpu_s = 0.0  # also charged to the script's CPU budget (cpu_s)
-        # Settlements tried on the calling thread (settle_within): how many, and whether one
-        # ran over its limit (the script settles on worker threads from then on).
-        self.inline_slices = 0
-        self.inline_overran = False
-        # What settling one result cost this script's last settlement, in CPU seconds: how
-        # settle_within tells a batch that fits its limit from one that would not.
-        self._cost_per_result_s = INLINE_FIRST_GUESS_S
-        # A context dropped by an overrun, freed by the next slice's worker thread, not by the
-        # event loop that dropped it (freeing a context takes milliseconds for a big heap).
-        self._dropped: Any = None
 
     @property
     def closed(self) -> bool:
@@ -305,9 +272,7 @@ class Isolate:
         """
         if self.limits.evict:
             self._boot_args = (body, dict(config))
-        first = self._slice(lambda: self._boot(body, config))
-        assert first is not None  # only a slice under a short limit comes back without one
-        return first
+        return self._slice(lambda: self._boot(body, config))
 
     def settle(self, results: Sequence[tuple[int, bool, Any]], state: Mapping[str, Any]) -> Slice:
         """Resolve or reject pending promises (and fire timers), then run until the queue is empty."""
@@ -315,52 +280,7 @@ class Isolate:
         if self._replayable():
             self._history.append((results, state))
         batch = _settlement(results, state)
-        settled = self._slice(lambda: self._settle(batch))
-        assert settled is not None  # only a slice under a short limit comes back without one
-        self._cost_per_result_s = settled.cpu_s / max(1, len(results))
-        return settled
-
-    def settle_within(self, results: Sequence[tuple[int, bool, Any]], state: Mapping[str, Any],
-                      limit_s: float) -> Slice | None:
-        """``settle`` on the calling thread, if it ends within ``limit_s``; else None, and the
-        caller settles the same results with ``settle`` on a worker thread.
-
-        Tried only while the script could be rebuilt by replay (see ``evictable``), with a heap
-        checked small every ``INLINE_HEAP_CHECK_EVERY`` slices, and only for a batch of plain
-        values (``INLINE_MAX_CHARS`` of text at most) that the last settlement's cost per result
-        says takes under half the limit: its JSON crosses on the calling thread. A slice that runs
-        over the limit is undone: its context is dropped and its settlement forgotten, so the
-        next ``settle`` replays the script up to it and runs it again under the full slice
-        limit. A script that ran over once, or whose heap has grown, is not tried again.
-        Whenever the answer is None the script is where it was before the call.
-        """
-        if not self.tries_inline or self._lock.locked():
-            return None
-        if len(results) * self._cost_per_result_s > limit_s / 2 or not _plain_and_small(results):
-            return None  # likely to run over
-        if self.inline_slices % INLINE_HEAP_CHECK_EVERY == 0 and self._heap_too_big_to_replay():
-            self.inline_overran = True  # a big heap stays big: worker threads from now on
-            return None
-        self.inline_slices += 1
-        state = dict(state)
-        self._history.append((results, state))
-        batch = _settlement(results, state)
-        result = self._slice(lambda: self._settle(batch), limit_s=limit_s)
-        if result is not None:
-            self._cost_per_result_s = result.cpu_s / max(1, len(results))
-            return result
-        self._history.pop()
-        return None
-
-    @property
-    def tries_inline(self) -> bool:
-        """Whether ``settle_within`` would try a slice now."""
-        return self._ctx is not None and not self._finished and not self.inline_overran and self.evictable
-
-    def _heap_too_big_to_replay(self) -> bool:
-        # memory() walks the heap (25 µs for a pipeline script's 350 kB): not every slice.
-        assert self._ctx is not None
-        return int(self._ctx.memory()["memory_used_size"]) > self.limits.heap_bytes // 8
+        return self._slice(lambda: self._settle(batch))
 
     @property
     def evicted(self) -> bool:
@@ -397,7 +317,7 @@ class Isolate:
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            if self._heap_too_big_to_replay():
+            if int(self._ctx.memory()["memory_used_size"]) > self.limits.heap_bytes // 8:
                 return False  # see _replayable
             self._ctx = self._take = self._settle = self._start = None
             self._evicted = True
@@ -415,7 +335,7 @@ class Isolate:
 
     def close(self) -> None:
         """Drop the context. The run stops being driven; nothing of it runs again."""
-        self._ctx = self._take = self._settle = self._start = self._dropped = None
+        self._ctx = self._take = self._settle = self._start = None
         self._evicted = False
         self._history, self._digests, self._boot_args = [], [], None
 
@@ -427,10 +347,10 @@ class Isolate:
         assert self._boot_args is not None
         cpu_started = time.thread_time()
         self._evicted = False
-        self._dropped = None
         # Replayed slices all ran within the limit before, and all of them together cost at most
-        # MAX_REPLAY_CPU_S: only a busy machine can make one take longer (the engine's limit is
-        # wall-clock), and that must not fail an honest run.
+        # MAX_REPLAY_CPU_S: only a busy process can make one take longer (the engine's limit is
+        # C clock(), the CPU time of the whole process: with two threads busy it runs out in
+        # half the wall time), and that must not fail an honest run.
         limit = max(self.limits.slice_cpu_s, REPLAY_SLICE_S)
         try:
             self._boot(*self._boot_args, time_limit=limit)
@@ -469,10 +389,7 @@ class Isolate:
         main = ctx.eval(wrap_body(body))
         self._start(main, json.dumps(dict(config), separators=(",", ":")))
 
-    def _slice(self, step: Any, *, limit_s: float | None = None) -> Slice | None:
-        """Run one slice. With ``limit_s`` (see ``settle_within``): under that time limit
-        instead of the slice limit, and None, with the context dropped for replay, if the slice
-        runs over it."""
+    def _slice(self, step: Any) -> Slice:
         if self._finished:
             return Slice(requests=(), finished=True)
         if not self._lock.acquire(blocking=False):
@@ -488,13 +405,10 @@ class Isolate:
                 return self._fail(failure, 0.0)
         started = time.perf_counter()
         cpu_started = time.thread_time()
-        if limit_s is not None:
-            assert self._ctx is not None
-            self._ctx.set_time_limit(limit_s)
         try:
             try:
                 step()
-                self._drain(started, limit_s)
+                self._drain(started)
                 if self.cpu_s + (time.thread_time() - cpu_started) > self.limits.run_cpu_s:
                     raise _LimitHit(
                         ScriptFailure(
@@ -503,21 +417,11 @@ class Isolate:
                             f"script exceeded its CPU budget of {self.limits.run_cpu_s:g} s for the whole run",
                         )
                     )
-                if limit_s is not None:
-                    self._ctx.set_time_limit(self.limits.slice_cpu_s)
-                    limit_s = None  # the outbox is taken under the usual limit
                 return self._collect(time.thread_time() - cpu_started)
             except _LimitHit as hit:
-                if limit_s is not None and hit.failure.name == "cpu_slice":
-                    self._overran(time.thread_time() - cpu_started)
-                    return None
                 return self._fail(hit.failure, time.thread_time() - cpu_started)
             except quickjs.JSException as exc:
-                failure = self._engine_failure(str(exc))
-                if limit_s is not None and failure.name == "cpu_slice":
-                    self._overran(time.thread_time() - cpu_started)
-                    return None
-                return self._fail(failure, time.thread_time() - cpu_started)
+                return self._fail(self._engine_failure(str(exc)), time.thread_time() - cpu_started)
             except RecursionError:
                 return self._fail(
                     ScriptFailure("limit", "nesting", "a value crossing to the host is nested too deeply "
@@ -525,18 +429,7 @@ class Isolate:
                     time.thread_time() - cpu_started,
                 )
         finally:
-            if limit_s is not None and self._ctx is not None:  # left by an unexpected error
-                self._ctx.set_time_limit(self.limits.slice_cpu_s)
             self._lock.release()
-
-    def _overran(self, cpu_s: float) -> None:
-        """A slice tried under a short limit ran over it: drop the context (half-run, it cannot
-        go on) for the next slice to rebuild by replay. Its CPU is the script's all the same."""
-        self.cpu_s += cpu_s
-        self.inline_overran = True
-        self._dropped = self._ctx
-        self._ctx = self._take = self._settle = self._start = None
-        self._evicted = True
 
     def _drain(self, started: float, limit: float | None = None) -> None:
         ctx = self._ctx

@@ -9,8 +9,6 @@ requests and return exactly the same result as a run that keeps its context.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -57,11 +55,7 @@ def _answer(request: Request) -> tuple[bool, Any]:
     return True, f"answer<{prompt}>"
 
 
-def drive_by_hand(body: str, args: Any,
-                  settle: Callable[[Isolate, list[tuple[int, bool, Any]], dict[str, int]], Slice],
-                  ) -> tuple[list[tuple[str, str]], Any, Isolate]:
-    """Drive a script to its end, one result per slice through ``settle``: the requests it made
-    (kind and payload), its result and its isolate."""
+def _drive(body: str, args: Any, *, evict: bool) -> tuple[list[tuple[str, str]], Any, int]:
     isolate = Isolate()
     current: Slice = isolate.start(body, {**CONFIG, "args": args})
     pending: list[tuple[int, bool, Any]] = []
@@ -77,20 +71,12 @@ def drive_by_hand(body: str, args: Any,
                 pending.append((request.id, True, None))
         if current.finished:
             assert current.failure is None, current.failure
-            return seen, current.result, isolate
+            return seen, current.result, isolate.evictions
         assert pending, "the script waits for nothing"
-        current = settle(isolate, [pending.pop(0)], {"spent": 0, "issued": issued})
-
-
-def _drive(body: str, args: Any, *, evict: bool) -> tuple[list[tuple[str, str]], Any, int]:
-    def settle(isolate: Isolate, results: list[tuple[int, bool, Any]], state: dict[str, int]) -> Slice:
         if evict:
             assert isolate.evict()
             assert isolate.evicted and not isolate.closed
-        return isolate.settle(results, state)
-
-    seen, result, isolate = drive_by_hand(body, args, settle)
-    return seen, result, isolate.evictions
+        current = isolate.settle([pending.pop(0)], {"spent": 0, "issued": issued})
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
@@ -260,7 +246,8 @@ async def test_a_script_skipped_while_the_pool_was_busy_is_evicted_soon_after(mo
 
         def statistics(self) -> SlicePoolStatistics:
             stats = super().statistics()
-            return replace(stats, waiting=1 if self.busy else stats.waiting)
+            return SlicePoolStatistics(stats.workers, stats.running, 1 if self.busy else stats.waiting,
+                                       stats.slices_total)
 
     monkeypatch.setattr(runtime.script, "EVICT_RETRY_S", 0.05)
     idle_s = 1.0
