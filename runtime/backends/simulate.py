@@ -98,6 +98,11 @@ def sample_from_schema(schema: Any, seed: str, path: str = "$") -> Any:
 _SYSTEM_PROMPT_CHARS = len(SYSTEM_PROMPT)
 
 
+def _plain_answer(label: str, prompt: str) -> str:
+    words = " ".join(map(_WORD_OF_BYTE.__getitem__, hashlib.sha256(prompt.encode()).digest()[:8]))
+    return f"Simulated answer for {label or prompt[:60]!r}: {words}."
+
+
 def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
@@ -147,16 +152,36 @@ class SimulateBackend:
         self.executions = 0
 
     async def call(self, request: AgentRequest) -> AgentResult:
-        settings = request.settings or {}
+        settings = request.settings
         self.executions += 1
         if self.record_path is not None:
             self._record(request)
         if settings:
-            delay = _latency(settings.get("latency_ms", 0), request.prompt)
-            if delay > 0:
-                await anyio.sleep(delay)
-            if any(_matches(p, request.label) or _matches(p, request.prompt) for p in settings.get("fail", ())):
+            latency = settings.get("latency_ms")
+            if latency:
+                delay = _latency(latency, request.prompt)
+                if delay > 0:
+                    await anyio.sleep(delay)
+            fail = settings.get("fail")
+            if fail and any(_matches(p, request.label) or _matches(p, request.prompt) for p in fail):
                 raise TerminalBackendError(f"simulated failure (options.simulate.fail matched {request.label!r})")
+            if (request.schema is not None or settings.get("responses") or settings.get("invalid")
+                    or settings.get("output_tokens")):
+                return self._shaped(request, settings)
+        elif request.schema is not None:
+            return self._shaped(request, {})
+        # A plain answer: the common case, written out (it runs once per agent in dry runs).
+        prompt = request.prompt
+        text = _plain_answer(request.label, prompt)
+        return AgentResult(
+            text,
+            Usage(max(1, (_SYSTEM_PROMPT_CHARS + len(prompt)) // 4), max(1, len(text) // 4)),
+            request.model or "simulate",
+            transcript=({"role": "user", "content": prompt}, {"role": "assistant", "content": text}),
+        )
+
+    def _shaped(self, request: AgentRequest, settings: Mapping[str, Any]) -> AgentResult:
+        """An answer that settings or a schema shape: canned, invalid, or sampled from the schema."""
         text, data = self._answer(request, settings)
         out_tokens = int(settings.get("output_tokens") or _tokens(text))
         # Input as a real backend would send it: the subagent system prompt, the prompt, the schema.
@@ -187,8 +212,7 @@ class SimulateBackend:
                 return json.dumps({"__invalid__": True}), {"__invalid__": True}
             data = sample_from_schema(request.schema, request.prompt)
             return json.dumps(data), data
-        words = " ".join(map(_WORD_OF_BYTE.__getitem__, hashlib.sha256(request.prompt.encode()).digest()[:8]))
-        return f"Simulated answer for {request.label or request.prompt[:60]!r}: {words}.", None
+        return _plain_answer(request.label, request.prompt), None
 
     def _record(self, request: AgentRequest) -> None:
         assert self.record_path is not None
