@@ -100,6 +100,7 @@ SELECT_RUN = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs"
 SELECT_CALL = f"SELECT {', '.join(CALL_COLUMNS)} FROM calls"
 SELECT_EVENT = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events"
 SELECT_EVENT_BATCHES = "SELECT events FROM event_batches WHERE run_id = ? AND last_seq > ? ORDER BY first_seq"
+SELECT_EVENT_BATCHES_PAGE = f"{SELECT_EVENT_BATCHES} LIMIT ?"
 SELECT_WORKFLOW = f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows"
 
 

@@ -71,8 +71,8 @@ from ..errors import ConfigError, Conflict
 from ._migrations import apply_migrations
 from ._records import CallRecord, EventRecord, RunRecord, WorkflowRecord
 from ._rows import (
-    DELETE_WORKFLOW, SAVE_RUN, SAVE_WORKFLOW, SELECT_CALL, SELECT_EVENT, SELECT_EVENT_BATCHES, SELECT_RUN,
-    SELECT_WORKFLOW, Row, call_fields, call_from_row, event_fields, event_from_row, loads, run_from_row,
+    DELETE_WORKFLOW, SAVE_RUN, SAVE_WORKFLOW, SELECT_CALL, SELECT_EVENT, SELECT_EVENT_BATCHES, SELECT_EVENT_BATCHES_PAGE,
+    SELECT_RUN, SELECT_WORKFLOW, Row, call_fields, call_from_row, event_fields, event_from_row, loads, run_from_row,
     run_params, workflow_from_row, workflow_params,
 )
 from ._writer import BUSY_TIMEOUT_S, Frames, Op, WriterDidNotStart, frame, rollback, spawn_writer, start_writer
@@ -100,6 +100,8 @@ _RESTART_AFTER_S = 10.0
 # The writer's answers are small (a few bytes per write of a group): no need to allocate, and
 # shrink, a megabyte at every answer.
 _READ_BYTES = 1 << 16
+# Event batches a page of events reads first (then twice as many per round until it is full).
+_PAGE_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -705,17 +707,27 @@ class SQLiteStore:
         legacy_sql = f"{SELECT_EVENT} WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
         legacy_params = (run_id, after_seq, -1 if limit is None else limit)  # LIMIT -1: no limit
 
-        def read(conn: sqlite3.Connection) -> tuple[list[Row], list[Row]]:
-            return _fetch(conn, legacy_sql, legacy_params), _fetch(conn, SELECT_EVENT_BATCHES, (run_id, after_seq))
+        def read(conn: sqlite3.Connection) -> tuple[list[Row], list[list[Any]]]:
+            legacy = _fetch(conn, legacy_sql, legacy_params)
+            if limit is None:
+                batches = _fetch(conn, SELECT_EVENT_BATCHES, (run_id, after_seq))
+                return legacy, [e for (text,) in batches for e in loads(text) if e[0] > after_seq]
+            # A page reads only the batches it needs, not every later one: a few batches at a
+            # time, twice as many each round, until the page is full or the run has no more.
+            events: list[list[Any]] = []
+            low, take = after_seq, _PAGE_BATCHES
+            while len(legacy) + len(events) < limit:
+                batches = _fetch(conn, SELECT_EVENT_BATCHES_PAGE, (run_id, low, take))
+                for (text,) in batches:
+                    events.extend(e for e in loads(text) if e[0] > low)
+                if len(batches) < take:
+                    break
+                low, take = events[-1][0], take * 2
+            return legacy, events[:limit - len(legacy)]
 
-        legacy, batches = await self._read(read)
-        events = [event_from_row(row) for row in legacy]
-        for (text,) in batches:
-            if limit is not None and len(events) >= limit:
-                break
-            events.extend(EventRecord(seq, ts, run_id, type_, data)
-                          for seq, ts, type_, data in loads(text) if seq > after_seq)
-        return events if limit is None else events[:limit]
+        legacy, events = await self._read(read)
+        return [*map(event_from_row, legacy),
+                *(EventRecord(seq, ts, run_id, type_, data) for seq, ts, type_, data in events)]
 
     async def get_workflow(self, name: str) -> WorkflowRecord | None:
         rows = await self._read(lambda c: _fetch(c, f"{SELECT_WORKFLOW} WHERE name = ?", (name,)))

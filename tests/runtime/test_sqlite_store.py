@@ -242,6 +242,62 @@ async def test_events_order_after_seq_and_limit(kind: str, tmp_path: Path) -> No
             assert await store.read_events("missing") == []
 
 
+def _batches_of_events() -> list[list[int]]:
+    """Seqs of 20 event batches of 1 to 4 events, with a gap now and then (as dropped events leave)."""
+    batches, seq = [], 0
+    for b in range(20):
+        seq += 4 if b % 5 == 4 else 1
+        batches.append(list(range(seq, seq + 1 + b % 4)))
+        seq = batches[-1][-1]
+    return batches
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_page_of_events_across_batches_and_gaps(kind: str, tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with open_store(kind, tmp_path) as store:
+            written = []
+            for batch in _batches_of_events():
+                store.append_events([event("r", seq, n=seq) for seq in batch])
+                await store.save_run(run("r"))  # commits the batch: one group, one batch row
+                written += batch
+            for after in (0, 1, 5, 17, written[-2], written[-1], written[-1] + 5):
+                for limit in (1, 2, 3, 7, 30, 1000):
+                    page = await store.read_events("r", after_seq=after, limit=limit)
+                    assert [e.seq for e in page] == [s for s in written if s > after][:limit]
+                    assert all(e.data == {"n": e.seq} for e in page)
+
+
+@pytest.mark.anyio
+async def test_a_page_of_events_reads_only_the_batches_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's later batches stay unread: paging through a long run does not read the rest of it
+    for every page."""
+    import runtime.store._sqlite as sqlite_store
+
+    with anyio.fail_after(10):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            for batch in _batches_of_events():
+                store.append_events([event("r", seq) for seq in batch])
+                await store.save_run(run("r"))
+            rows_read: list[int] = []
+            fetch = sqlite_store._fetch
+
+            def counting_fetch(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]:
+                rows = fetch(conn, sql, params)
+                rows_read.append(len(rows))
+                return rows
+
+            monkeypatch.setattr(sqlite_store, "_fetch", counting_fetch)
+            page = await store.read_events("r", after_seq=3, limit=2)
+            assert [e.seq for e in page] == [4, 5]
+            later = sum(1 for batch in _batches_of_events() if batch[-1] > 3)
+            assert sum(rows_read) <= 4 < later  # the first few of the batches after seq 3
+            rows_read.clear()
+            assert len(await store.read_events("r", after_seq=3)) > 20
+            assert sum(rows_read) == later  # unlimited: every one
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", KINDS)
 async def test_workflows_crud(kind: str, tmp_path: Path) -> None:
