@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from .errors import (
     ScriptRejected,
     WorkflowNotFound,
 )
-from .events import EventLog, EventType
+from .events import EventLog, EventType, stored_events
 from .journal import RESUME_MODES, ResumePlan
 from .options import RunOptions
 from .run import Run, RunContext
@@ -421,8 +422,9 @@ class Engine:
             async for event in run.events.follow(after_seq):
                 yield event
             return
-        for event in await self.store.read_events(run_id, after_seq):
-            yield event
+        async with aclosing(stored_events(self.store, run_id, after_seq)) as stored:
+            async for event in stored:
+                yield event
 
     async def list_agents(self, run_id: str, *, owner: str | None = None) -> list[CallRecord]:
         await self.get_run(run_id, owner=owner)

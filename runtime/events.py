@@ -9,7 +9,8 @@ nothing is missed and nothing repeats.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from enum import Enum
 from typing import Any
 
@@ -17,7 +18,11 @@ import anyio
 
 from .store import EventRecord, Store
 
-__all__ = ["EventLog", "EventType"]
+__all__ = ["EventLog", "EventType", "stored_events"]
+
+# Events a follower reads from the store at a time: a long run's history goes out as it is
+# read, instead of being loaded whole before its first event is sent.
+STORED_EVENTS_PAGE = 1000
 
 
 class EventType(str, Enum):
@@ -43,6 +48,17 @@ class EventType(str, Enum):
 
 
 TERMINAL_EVENTS = frozenset({EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELLED})
+
+
+async def stored_events(store: Store, run_id: str, after_seq: int = 0) -> AsyncGenerator[EventRecord, None]:
+    """The run's stored events after ``after_seq``, in order, read a page at a time."""
+    while True:
+        page = await store.read_events(run_id, after_seq, limit=STORED_EVENTS_PAGE)
+        for event in page:
+            yield event
+        if len(page) < STORED_EVENTS_PAGE:
+            return
+        after_seq = page[-1].seq
 
 
 class EventLog:
@@ -115,11 +131,12 @@ class EventLog:
                 # Archived before this read began: the store has every event. Archived while
                 # it ran or while its events were handed out: read again for the rest.
                 complete = self._archived
-                for event in await self._store.read_events(self.run_id, after_seq):
-                    if event.seq >= self._first_seq:
-                        break
-                    yield event
-                    after_seq = event.seq
+                async with aclosing(stored_events(self._store, self.run_id, after_seq)) as stored:
+                    async for event in stored:
+                        if event.seq >= self._first_seq:
+                            break
+                        yield event
+                        after_seq = event.seq
                 if complete:
                     return
                 if self._archived:

@@ -19,6 +19,7 @@ import anyio
 import pytest
 import regex
 
+from runtime import events as events_module
 from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, SimulateBackend, load_settings, schema
 from runtime.backends import AgentRequest, AgentResult
 from runtime.engine import CHECKED_SCRIPT_CHARS, CHECKED_SCRIPTS
@@ -772,6 +773,36 @@ async def test_a_follower_behind_when_the_run_ends_still_gets_every_event() -> N
     assert seqs == list(range(1, len(seqs) + 1))
     assert [e.type for e in rest].count("agent.completed") == 2
     assert rest[-1].type == "run.completed"
+
+
+async def test_a_finished_runs_history_is_read_from_the_store_a_page_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A follower of a long finished run gets its history as it is read, page by page, not once
+    # all of it is in memory: from the archived log, and from a process that never drove the run.
+    monkeypatch.setattr(events_module, "STORED_EVENTS_PAGE", 3)
+    store = MemoryStore()
+    pages: list[int] = []
+    read_events = store.read_events
+
+    async def read_a_page(run_id: str, after_seq: int = 0, limit: int | None = None) -> list[EventRecord]:
+        page = await read_events(run_id, after_seq, limit)
+        pages.append(len(page))
+        return page
+
+    monkeypatch.setattr(store, "read_events", read_a_page)
+    script = "await parallel([1, 2, 3, 4].map((i) => () => agent(`a${i}`))); return 1"
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), store, recover=False) as engine:
+            record = await engine.wait((await engine.submit(RunRequest(script=script))).id)
+            run = engine.live(record.id)
+            assert run is not None
+            while not run.archived:
+                await anyio.sleep(0.001)
+            archived = [event.seq async for event in engine.follow(record.id)]
+        async with Engine(load_settings(), store, recover=False) as engine:
+            stored = [event async for event in engine.follow(record.id)]
+    assert [event.seq for event in stored] == archived == list(range(1, len(stored) + 1))
+    assert len(stored) > 12 and stored[-1].type == "run.completed"
+    assert max(pages) == 3 and len(pages) >= 2 * (len(stored) // 3)  # both followers paged
 
 
 async def test_a_call_whose_result_is_being_journaled_cannot_be_stopped_or_restarted(tmp_path: Path) -> None:
