@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Callable, Sequence
 
+from ._protocol import check_limit
 from ._records import CallRecord, EventRecord, RunRecord, WorkflowRecord
 
 __all__ = ["MemoryStore"]
@@ -57,11 +59,15 @@ class MemoryStore:
 
     def append_events(self, events: Sequence[EventRecord]) -> None:
         for event in events:
-            self._events.setdefault(event.run_id, []).append(event)
+            stored = self._events.setdefault(event.run_id, [])
+            if not stored or event.seq > stored[-1].seq:  # as in SQLite: a seq out of order is dropped
+                stored.append(event)
 
     async def read_events(self, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[EventRecord]:
-        events = [e for e in self._events.get(run_id, []) if e.seq > after_seq]
-        return events if limit is None else events[:limit]
+        check_limit(limit)
+        events = self._events.get(run_id, [])
+        start = bisect.bisect_right(events, after_seq, key=lambda e: e.seq)  # seqs increase
+        return events[start:] if limit is None else events[start:start + limit]
 
     async def save_workflow(self, workflow: WorkflowRecord) -> None:
         self._workflows[workflow.name] = workflow

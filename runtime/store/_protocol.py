@@ -17,7 +17,13 @@ from typing import Protocol
 
 from ._records import CallRecord, EventRecord, RunRecord, WorkflowRecord
 
-__all__ = ["Store"]
+__all__ = ["Store", "check_limit"]
+
+
+def check_limit(limit: int | None) -> None:
+    """``read_events``' ``limit``: None (every event) or how many at most, never negative."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be None or at least 0, not {limit}")
 
 
 class Store(Protocol):
@@ -57,7 +63,7 @@ class Store(Protocol):
         """Queue events for commit, in order. Never blocks the caller."""
 
     async def read_events(self, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[EventRecord]:
-        """Events with ``seq > after_seq``, in order."""
+        """Events with ``seq > after_seq``, in order: at most ``limit`` of them (None: every one)."""
 
     async def save_workflow(self, workflow: WorkflowRecord) -> None: ...
 

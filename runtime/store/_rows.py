@@ -100,7 +100,13 @@ SELECT_RUN = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs"
 SELECT_CALL = f"SELECT {', '.join(CALL_COLUMNS)} FROM calls"
 SELECT_EVENT = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events"
 SELECT_EVENT_BATCHES = "SELECT events FROM event_batches WHERE run_id = ? AND last_seq > ? ORDER BY first_seq"
-SELECT_EVENT_BATCHES_PAGE = f"{SELECT_EVENT_BATCHES} LIMIT ?"
+# A page of batches after seq ?2: from the last batch that starts at or before it, so that SQLite
+# seeks on the primary key instead of reading every earlier batch to test its last_seq.
+SELECT_EVENT_BATCHES_PAGE = (
+    "SELECT events FROM event_batches WHERE run_id = ?1 AND last_seq > ?2 AND first_seq >= coalesce("
+    "(SELECT max(first_seq) FROM event_batches WHERE run_id = ?1 AND first_seq <= ?2), ?2) "
+    "ORDER BY first_seq LIMIT ?3"
+)
 SELECT_WORKFLOW = f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows"
 
 

@@ -69,6 +69,7 @@ import anyio
 
 from ..errors import ConfigError, Conflict
 from ._migrations import apply_migrations
+from ._protocol import check_limit
 from ._records import CallRecord, EventRecord, RunRecord, WorkflowRecord
 from ._rows import (
     DELETE_WORKFLOW, SAVE_RUN, SAVE_WORKFLOW, SELECT_CALL, SELECT_EVENT, SELECT_EVENT_BATCHES, SELECT_EVENT_BATCHES_PAGE,
@@ -703,6 +704,7 @@ class SQLiteStore:
         return call_from_row(rows[0]) if rows else None
 
     async def read_events(self, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[EventRecord]:
+        check_limit(limit)
         # Events from before migration 0002 are rows of the legacy table; they precede the batches.
         legacy_sql = f"{SELECT_EVENT} WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
         legacy_params = (run_id, after_seq, -1 if limit is None else limit)  # LIMIT -1: no limit

@@ -270,6 +270,31 @@ async def test_a_page_of_events_across_batches_and_gaps(kind: str, tmp_path: Pat
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_events_out_of_order_are_dropped_and_a_negative_limit_refused(kind: str, tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with open_store(kind, tmp_path) as store:
+            store.append_events([event("r", 1), event("r", 2), event("r", 7)])
+            await store.save_run(run("r"))
+            store.append_events([event("r", 5), event("r", 7), event("r", 8)])  # 5 and 7 do not follow 7
+            await store.save_run(run("r"))
+            assert [e.seq for e in await store.read_events("r")] == [1, 2, 7, 8]
+            assert [e.seq for e in await store.read_events("r", after_seq=2, limit=0)] == []
+            with pytest.raises(ValueError, match="limit"):
+                await store.read_events("r", limit=-1)
+
+
+def test_the_page_query_seeks_instead_of_reading_every_earlier_batch() -> None:
+    from runtime.store._rows import SELECT_EVENT_BATCHES_PAGE
+
+    conn = sqlite3.connect(":memory:")
+    apply_migrations(conn)
+    plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {SELECT_EVENT_BATCHES_PAGE}", ("r", 5, 4)))
+    # Not "(run_id=?)" alone: that walks the run's batches from its first one on every page.
+    assert "USING INDEX" in plan and "first_seq>" in plan, plan
+
+
+@pytest.mark.anyio
 async def test_a_page_of_events_reads_only_the_batches_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run's later batches stay unread: paging through a long run does not read the rest of it
     for every page."""
