@@ -103,7 +103,7 @@ SELECT_EVENT_BATCHES = "SELECT events FROM event_batches WHERE run_id = ? AND la
 # A page of batches after seq ?2: from the last batch that starts at or before it, so that SQLite
 # seeks on the primary key instead of reading every earlier batch to test its last_seq.
 SELECT_EVENT_BATCHES_PAGE = (
-    "SELECT events FROM event_batches WHERE run_id = ?1 AND last_seq > ?2 AND first_seq >= coalesce("
+    "SELECT first_seq, last_seq, events FROM event_batches WHERE run_id = ?1 AND last_seq > ?2 AND first_seq >= coalesce("
     "(SELECT max(first_seq) FROM event_batches WHERE run_id = ?1 AND first_seq <= ?2), ?2) "
     "ORDER BY first_seq LIMIT ?3"
 )

@@ -50,6 +50,7 @@ Concurrency design
 from __future__ import annotations
 
 import asyncio
+import functools
 import builtins
 import copy
 import logging
@@ -709,27 +710,42 @@ class SQLiteStore:
         legacy_sql = f"{SELECT_EVENT} WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
         legacy_params = (run_id, after_seq, -1 if limit is None else limit)  # LIMIT -1: no limit
 
-        def read(conn: sqlite3.Connection) -> tuple[list[Row], list[list[Any]]]:
-            legacy = _fetch(conn, legacy_sql, legacy_params)
-            if limit is None:
-                batches = _fetch(conn, SELECT_EVENT_BATCHES, (run_id, after_seq))
-                return legacy, [e for (text,) in batches for e in loads(text) if e[0] > after_seq]
-            # A page reads only the batches it needs, not every later one: a few batches at a
-            # time, twice as many each round, until the page is full or the run has no more.
-            events: list[list[Any]] = []
-            low, take = after_seq, _PAGE_BATCHES
-            while len(legacy) + len(events) < limit:
+        def read(conn: sqlite3.Connection, low: int, wanted: int | None) -> tuple[list[Row], list[str], bool]:
+            """The legacy rows (on the first read), then the texts of the batches after ``low``:
+            every one, or as many as ``wanted`` events need by their seqs; and whether the run may
+            have more. The caller decodes them: here, each batch's decoding would trade the GIL
+            with the busy event loop."""
+            legacy = _fetch(conn, legacy_sql, legacy_params) if low == after_seq else []
+            if wanted is None:
+                return legacy, [text for (text,) in _fetch(conn, SELECT_EVENT_BATCHES, (run_id, low))], False
+            # Not every later batch of a long run for one page: a few at a time, twice as many
+            # each round, until their seqs cover the page.
+            texts: list[str] = []
+            room, take = wanted - len(legacy), _PAGE_BATCHES
+            while room > 0:
                 batches = _fetch(conn, SELECT_EVENT_BATCHES_PAGE, (run_id, low, take))
-                for (text,) in batches:
-                    events.extend(e for e in loads(text) if e[0] > low)
+                for first_seq, last_seq, text in batches:
+                    texts.append(text)
+                    room -= last_seq - max(first_seq, low + 1) + 1  # at most: dropped events leave gaps
+                    low = last_seq
                 if len(batches) < take:
-                    break
-                low, take = events[-1][0], take * 2
-            return legacy, events[:limit - len(legacy)]
+                    return legacy, texts, False
+                take *= 2
+            return legacy, texts, True
 
-        legacy, events = await self._read(read)
-        return [*map(event_from_row, legacy),
-                *(EventRecord(seq, ts, run_id, type_, data) for seq, ts, type_, data in events)]
+        events: list[EventRecord] = []
+        low, more = after_seq, True
+        while more:
+            wanted = None if limit is None else limit - len(events)
+            legacy, texts, more = await self._read(functools.partial(read, low=low, wanted=wanted))
+            events.extend(map(event_from_row, legacy))
+            for text in texts:
+                events.extend(EventRecord(seq, ts, run_id, type_, data)
+                              for seq, ts, type_, data in loads(text) if seq > low)
+            if limit is None or len(events) >= limit or not texts:
+                break
+            low = events[-1].seq  # the seqs promised more than there were (gaps): read on
+        return events if limit is None else events[:limit]
 
     async def get_workflow(self, name: str) -> WorkflowRecord | None:
         rows = await self._read(lambda c: _fetch(c, f"{SELECT_WORKFLOW} WHERE name = ?", (name,)))

@@ -243,11 +243,13 @@ async def test_events_order_after_seq_and_limit(kind: str, tmp_path: Path) -> No
 
 
 def _batches_of_events() -> list[list[int]]:
-    """Seqs of 20 event batches of 1 to 4 events, with a gap now and then (as dropped events leave)."""
+    """Seqs of 20 event batches of 1 to 4 events, with gaps (as dropped events leave) now and then
+    between batches and within them."""
     batches, seq = [], 0
     for b in range(20):
         seq += 4 if b % 5 == 4 else 1
-        batches.append(list(range(seq, seq + 1 + b % 4)))
+        step = 2 if b % 3 == 1 else 1
+        batches.append(list(range(seq, seq + step * (1 + b % 4), step)))
         seq = batches[-1][-1]
     return batches
 
