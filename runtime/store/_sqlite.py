@@ -50,9 +50,9 @@ Concurrency design
 from __future__ import annotations
 
 import asyncio
-import functools
 import builtins
 import copy
+import functools
 import logging
 import os
 import sqlite3
