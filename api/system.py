@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -20,10 +20,21 @@ __all__ = ["EngineCollector", "router"]
 
 router = APIRouter()
 
+# A write the store has not committed for this long means it is stuck (a stalled disk, a stopped
+# writer process): every run waiting on its journal is stuck with it, so /healthz says so.
+STORE_STALL_S = 30.0
 
-@router.get("/healthz", tags=["system"], summary="Ready when the store is open and runs were recovered")
-async def healthz(request: Request) -> dict[str, Any]:
+
+@router.get("/healthz", tags=["system"],
+            summary="Ready when the store is open and runs were recovered; 503 while the store is stuck")
+async def healthz(request: Request) -> Any:
     engine: Engine = request.app.state.engine
+    waiting_s = engine.store.commit_wait_s()
+    if waiting_s > STORE_STALL_S:
+        return JSONResponse(status_code=503, content={
+            "status": "unavailable", "node": engine.node,
+            "reason": f"the store has not committed a write for {waiting_s:.0f} s (a stalled disk or writer process?)",
+        })
     return {"status": "ok", "node": engine.node}
 
 
@@ -68,6 +79,9 @@ class EngineCollector:
         yield GaugeMetricFamily("quickflow_slices_running", "Isolate slices running on workers", value=pool.running)
         yield GaugeMetricFamily("quickflow_slices_waiting", "Isolate slices waiting for a worker", value=pool.waiting)
         yield CounterMetricFamily("quickflow_slices", "Isolate slices run", value=pool.slices_total)
+        yield GaugeMetricFamily("quickflow_store_commit_wait_seconds",
+                                "How long the oldest write handed to the store has waited to be committed",
+                                value=engine.store.commit_wait_s())
         yield CounterMetricFamily("quickflow_isolate_evictions",
                                   "Isolates of waiting scripts given up to save memory (rebuilt by replay)",
                                   value=engine.isolate_evictions)

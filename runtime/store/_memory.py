@@ -81,5 +81,8 @@ class MemoryStore:
     async def delete_workflow(self, name: str) -> bool:
         return self._workflows.pop(name, None) is not None
 
+    def commit_wait_s(self) -> float:
+        return 0.0  # nothing waits: every write is done when it returns
+
     async def aclose(self) -> None:
         return None

@@ -67,6 +67,10 @@ class Store(Protocol):
 
     async def save_workflow(self, workflow: WorkflowRecord) -> None: ...
 
+    def commit_wait_s(self) -> float:
+        """How long the oldest write handed to the store has waited to be committed (0.0: none
+        waits). A store that is stuck (a stalled disk, a stopped writer) shows it here."""
+
     async def get_workflow(self, name: str) -> WorkflowRecord | None: ...
 
     async def list_workflows(self) -> list[WorkflowRecord]: ...

@@ -241,6 +241,8 @@ class SQLiteStore:
         self._counted = (0, 0)  # groups and checkpoints of the writers before this one
         self._sent: dict[int, _Sent] = {}  # by token, until the writer answers
         self._next_token = 0
+        # (last token, monotonic time) of each frame with writes not all answered: commit_wait_s().
+        self._frames_sent: deque[tuple[int, float]] = deque()
         # Ops sent and not answered yet, in order: sent again to a new writer if this one dies.
         self._unanswered: deque[Op] = deque()
         self._synchronous = synchronous
@@ -421,6 +423,8 @@ class SQLiteStore:
         except Exception:  # a value that does not pickle: fail its own write only
             ops, data = self._framed_apart(ops)
         self._unanswered.extend(op for op in ops if op[0] != "stop")
+        if self._sent:
+            self._frames_sent.append((self._next_token - 1, time.monotonic()))
         self._outbox += data
         self._flush_outbox()
 
@@ -523,6 +527,22 @@ class SQLiteStore:
         unanswered = self._unanswered
         while unanswered and not any(token in self._sent for token in unanswered[0][1]):
             unanswered.popleft()
+        self._answered_frames()
+
+    def _answered_frames(self) -> None:
+        """Forget the frames whose writes have all been answered."""
+        frames = self._frames_sent
+        if not self._sent:
+            frames.clear()
+            return
+        oldest = next(iter(self._sent))  # tokens go in in increasing order
+        while frames and frames[0][0] < oldest:
+            frames.popleft()
+
+    def commit_wait_s(self) -> float:
+        """How long the oldest write sent to the writer has waited for its answer (0.0: none waits)."""
+        self._answered_frames()
+        return time.monotonic() - self._frames_sent[0][1] if self._frames_sent else 0.0
 
     def _resolve(self, results: list[tuple[int, int, tuple[str, str] | None]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, int, BaseException | None]]] = {}

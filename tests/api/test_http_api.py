@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+
+from api import system
 
 from .conftest import (
     TERMINAL,
@@ -416,3 +420,29 @@ async def test_dashboard_is_served_at_root(service: Service) -> None:
             assert page.status_code == 200, page.text
             assert page.headers["content-type"].startswith("text/html")
             assert "<html" in page.text.lower()
+
+
+async def test_healthz_is_503_while_the_store_cannot_commit(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stuck store stalls every run that journals; an orchestrator polling /healthz hears of it.
+    monkeypatch.setattr(system, "STORE_STALL_S", 0.3)
+    store = service.server.config.app.state.engine.store
+    with anyio.fail_after(20):
+        async with service.client(None) as anonymous, service.client("alice") as alice:
+            assert (await anonymous.get("/healthz")).status_code == 200
+            os.kill(store.writer_pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(httpx.ReadTimeout):  # the new run's record waits for its commit
+                    await alice.post("/v1/runs", json={"script": "return 1"}, timeout=1.0)
+                health = await anonymous.get("/healthz")
+                metrics = (await anonymous.get("/metrics")).text
+            finally:
+                os.kill(store.writer_pid, signal.SIGCONT)
+            assert health.status_code == 503, health.text
+            assert health.json()["status"] == "unavailable"
+            assert "has not committed a write for" in health.json()["reason"]
+            gauge = next(line for line in metrics.splitlines()
+                         if line.startswith("quickflow_store_commit_wait_seconds "))
+            assert float(gauge.split()[-1]) >= 1.0
+            while (await anonymous.get("/healthz")).status_code != 200:  # committed once it runs again
+                await anyio.sleep(0.05)
+            assert (await alice.get("/v1/runs")).json()["runs"][0]["status"] in TERMINAL | {"queued", "running"}

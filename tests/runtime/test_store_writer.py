@@ -223,3 +223,26 @@ async def test_a_writer_killed_with_huge_values_in_flight_loses_nothing(tmp_path
             assert [len(c.output) if isinstance(c.output, str) else c.output for c in calls] == [30 << 20, 30 << 20, {"small": 1}]
             assert [e.seq for e in await store.read_events("r")] == [1, 2]
             assert store.statistics().queued == 0
+
+
+@pytest.mark.anyio
+async def test_a_stopped_writer_shows_as_a_write_that_waits(tmp_path: Path) -> None:
+    # A hung writer (a stalled disk, a stopped process) is not a dead one: nothing fails, writes
+    # just wait. commit_wait_s() is how long the oldest one has waited, for /healthz to report.
+    with anyio.fail_after(20):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            await store.save_run(run("r"))
+            assert store.commit_wait_s() == 0.0
+            os.kill(store.writer_pid, signal.SIGSTOP)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(store.save_call, call("r", 0))
+                    store.append_events([event("r", 1)])
+                    while store.commit_wait_s() < 0.3:
+                        await anyio.sleep(0.02)
+                    assert store.statistics().queued >= 2
+                    os.kill(store.writer_pid, signal.SIGCONT)
+            finally:
+                os.kill(store.writer_pid, signal.SIGCONT)
+            assert store.commit_wait_s() == 0.0
+            assert [c.index for c in await store.list_calls("r")] == [0]
