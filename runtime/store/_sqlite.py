@@ -71,13 +71,14 @@ import anyio
 from ..errors import ConfigError, Conflict
 from ._migrations import apply_migrations
 from ._protocol import check_limit
+from ._readers import Readers, connect, fetch
 from ._records import CallRecord, EventRecord, RunRecord, WorkflowRecord
 from ._rows import (
     DELETE_WORKFLOW, SAVE_RUN, SAVE_WORKFLOW, SELECT_CALL, SELECT_EVENT, SELECT_EVENT_BATCHES, SELECT_EVENT_BATCHES_PAGE,
     SELECT_RUN, SELECT_WORKFLOW, Row, call_fields, call_from_row, event_fields, event_from_row, loads, run_from_row,
     run_params, workflow_from_row, workflow_params,
 )
-from ._writer import BUSY_TIMEOUT_S, Frames, Op, WriterDidNotStart, frame, rollback, spawn_writer, start_writer
+from ._writer import Frames, Op, WriterDidNotStart, frame, spawn_writer, start_writer
 
 if TYPE_CHECKING:
     from ._protocol import Store
@@ -138,12 +139,6 @@ def _pop_all(pending: deque[T]) -> list[T]:
         return taken
 
 
-def _fetch(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-    # Always fetch to the end: a half-read cursor keeps its read transaction open, which would
-    # pin an old snapshot on this pooled connection and hold back WAL checkpoints.
-    return conn.execute(sql, params).fetchall()
-
-
 def _error(described: tuple[str, str]) -> BaseException:
     """The writer's ``(type name, message)`` as an exception of that type, where it is one of
     sqlite3's or a built-in one (so ``IntegrityError`` stays one); else a RuntimeError."""
@@ -189,20 +184,10 @@ def _settle(items: list[tuple[asyncio.Future[int] | JournalCallback, int, BaseEx
             waiter.set_exception(error)
 
 
-def _connect(path: Path, *, query_only: bool) -> sqlite3.Connection:
-    # ``isolation_level=None``: the sqlite3 module opens no implicit transactions.
-    # ``check_same_thread=False``: a connection is created in one worker thread and used in
-    # another, never by two threads at once.
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-    if query_only:
-        conn.execute("PRAGMA query_only = ON")
-    return conn
-
-
 def _prepare(path: Path) -> list[str]:
     """Create the file if needed, switch it to WAL and apply pending migrations."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = _connect(path, query_only=False)
+    conn = connect(path, query_only=False)
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
         if str(mode).lower() != "wal":
@@ -229,8 +214,7 @@ class SQLiteStore:
         self._applied_migrations = tuple(applied_migrations)
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        # Guards ``_closing`` and the idle reader pool.
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards ``_closing``
         # Writes gather here until the end of the loop turn; appends are atomic, and only the
         # loop takes (``_send``).
         self._events_pending: deque[EventRecord] = deque()
@@ -253,8 +237,7 @@ class SQLiteStore:
         self._attach(writer)
         self._closing = False
         self._closed = anyio.Event()
-        self._idle_readers: list[sqlite3.Connection] = []
-        self._read_limiter = anyio.CapacityLimiter(readers)
+        self._readers = Readers(path, readers)
         self._groups = 0
         self._writes = 0
         self._events = 0
@@ -645,36 +628,13 @@ class SQLiteStore:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def _checkout(self) -> sqlite3.Connection:
-        with self._lock:
-            if self._closing:
-                raise RuntimeError(f"the store {self._path} is closed")
-            if self._idle_readers:
-                return self._idle_readers.pop()
-        return _connect(self._path, query_only=True)
-
-    def _checkin(self, conn: sqlite3.Connection) -> None:
-        with self._lock:
-            if not self._closing:
-                self._idle_readers.append(conn)
-                return
-        conn.close()
-
-    def _read_blocking(self, query: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._checkout()
-        try:
-            return query(conn)
-        finally:
-            rollback(conn)  # a failed query must not leave a snapshot open on a pooled connection
-            self._checkin(conn)
-
     async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
         if self._closing:
             raise RuntimeError(f"the store {self._path} is closed")
-        return await anyio.to_thread.run_sync(self._read_blocking, query, limiter=self._read_limiter)
+        return await self._readers.run(query)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
-        rows = await self._read(lambda c: _fetch(c, f"{SELECT_RUN} WHERE id = ?", (run_id,)))
+        rows = await self._read(lambda c: fetch(c, f"{SELECT_RUN} WHERE id = ?", (run_id,)))
         return run_from_row(rows[0]) if rows else None
 
     async def list_runs(
@@ -692,12 +652,12 @@ class SQLiteStore:
             # One read transaction: the cursor row and the page come from the same snapshot.
             conn.execute("BEGIN")
             if before is not None:
-                cursor = _fetch(conn, "SELECT created_at, id FROM runs WHERE id = ?", (before,))
+                cursor = fetch(conn, "SELECT created_at, id FROM runs WHERE id = ?", (before,))
                 if cursor:  # an unknown cursor is ignored, as in MemoryStore
                     clauses.append("(created_at, id) < (?, ?)")
                     params.extend(cursor[0])
             where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-            rows = _fetch(conn, f"{SELECT_RUN}{where} ORDER BY created_at DESC, id DESC LIMIT ?", (*params, limit))
+            rows = fetch(conn, f"{SELECT_RUN}{where} ORDER BY created_at DESC, id DESC LIMIT ?", (*params, limit))
             conn.execute("COMMIT")
             return rows
 
@@ -705,7 +665,7 @@ class SQLiteStore:
 
     async def find_run_by_idempotency_key(self, owner: str, key: str) -> RunRecord | None:
         sql = f"{SELECT_RUN} WHERE owner = ? AND idempotency_key = ?"
-        rows = await self._read(lambda c: _fetch(c, sql, (owner, key)))
+        rows = await self._read(lambda c: fetch(c, sql, (owner, key)))
         return run_from_row(rows[0]) if rows else None
 
     async def runs_with_status(self, statuses: Sequence[str]) -> list[RunRecord]:
@@ -713,15 +673,15 @@ class SQLiteStore:
         if not wanted:
             return []
         sql = f"{SELECT_RUN} WHERE status IN ({', '.join('?' * len(wanted))}) ORDER BY created_at, id"
-        return [run_from_row(row) for row in await self._read(lambda c: _fetch(c, sql, wanted))]
+        return [run_from_row(row) for row in await self._read(lambda c: fetch(c, sql, wanted))]
 
     async def list_calls(self, run_id: str) -> list[CallRecord]:
         sql = f"{SELECT_CALL} WHERE run_id = ? ORDER BY idx"
-        return [call_from_row(row) for row in await self._read(lambda c: _fetch(c, sql, (run_id,)))]
+        return [call_from_row(row) for row in await self._read(lambda c: fetch(c, sql, (run_id,)))]
 
     async def get_call(self, run_id: str, index: int) -> CallRecord | None:
         sql = f"{SELECT_CALL} WHERE run_id = ? AND idx = ?"
-        rows = await self._read(lambda c: _fetch(c, sql, (run_id, index)))
+        rows = await self._read(lambda c: fetch(c, sql, (run_id, index)))
         return call_from_row(rows[0]) if rows else None
 
     async def read_events(self, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[EventRecord]:
@@ -735,15 +695,15 @@ class SQLiteStore:
             every one, or as many as ``wanted`` events need by their seqs; and whether the run may
             have more. The caller decodes them: here, each batch's decoding would trade the GIL
             with the busy event loop."""
-            legacy = _fetch(conn, legacy_sql, legacy_params) if low == after_seq else []
+            legacy = fetch(conn, legacy_sql, legacy_params) if low == after_seq else []
             if wanted is None:
-                return legacy, [text for (text,) in _fetch(conn, SELECT_EVENT_BATCHES, (run_id, low))], False
+                return legacy, [text for (text,) in fetch(conn, SELECT_EVENT_BATCHES, (run_id, low))], False
             # Not every later batch of a long run for one page: a few at a time, twice as many
             # each round, until their seqs cover the page.
             texts: list[str] = []
             room, take = wanted - len(legacy), _PAGE_BATCHES
             while room > 0:
-                batches = _fetch(conn, SELECT_EVENT_BATCHES_PAGE, (run_id, low, take))
+                batches = fetch(conn, SELECT_EVENT_BATCHES_PAGE, (run_id, low, take))
                 for first_seq, last_seq, text in batches:
                     texts.append(text)
                     room -= last_seq - max(first_seq, low + 1) + 1  # at most: dropped events leave gaps
@@ -768,11 +728,11 @@ class SQLiteStore:
         return events if limit is None else events[:limit]
 
     async def get_workflow(self, name: str) -> WorkflowRecord | None:
-        rows = await self._read(lambda c: _fetch(c, f"{SELECT_WORKFLOW} WHERE name = ?", (name,)))
+        rows = await self._read(lambda c: fetch(c, f"{SELECT_WORKFLOW} WHERE name = ?", (name,)))
         return workflow_from_row(rows[0]) if rows else None
 
     async def list_workflows(self) -> list[WorkflowRecord]:
-        rows = await self._read(lambda c: _fetch(c, f"{SELECT_WORKFLOW} ORDER BY name"))
+        rows = await self._read(lambda c: fetch(c, f"{SELECT_WORKFLOW} ORDER BY name"))
         return [workflow_from_row(row) for row in rows]
 
     # -- shutdown -----------------------------------------------------------------------------
@@ -807,10 +767,7 @@ class SQLiteStore:
             for pipe in (writer.stdin, writer.stdout):
                 if pipe is not None:
                     pipe.close()
-        with self._lock:
-            idle, self._idle_readers = self._idle_readers, []
-        for conn in idle:
-            conn.close()
+        self._readers.close()
 
 
 if TYPE_CHECKING:

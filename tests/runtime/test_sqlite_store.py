@@ -308,14 +308,14 @@ async def test_a_page_of_events_reads_only_the_batches_it_needs(tmp_path: Path, 
                 store.append_events([event("r", seq) for seq in batch])
                 await store.save_run(run("r"))
             rows_read: list[int] = []
-            fetch = sqlite_store._fetch
+            fetch = sqlite_store.fetch
 
             def counting_fetch(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]:
                 rows = fetch(conn, sql, params)
                 rows_read.append(len(rows))
                 return rows
 
-            monkeypatch.setattr(sqlite_store, "_fetch", counting_fetch)
+            monkeypatch.setattr(sqlite_store, "fetch", counting_fetch)
             page = await store.read_events("r", after_seq=3, limit=2)
             assert [e.seq for e in page] == [4, 5]
             later = sum(1 for batch in _batches_of_events() if batch[-1] > 3)
