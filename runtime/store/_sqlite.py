@@ -33,7 +33,7 @@ Concurrency design
 * **Few statements per group.** Batches of records go in as multi-row ``INSERT … VALUES (…),
   (…)`` statements of a few fixed sizes (``_rows.insert_rows``).
 * **Reads** run in worker threads (``anyio.to_thread.run_sync``) on a small pool of read-only
-  connections, bounded by a ``CapacityLimiter``. WAL lets them proceed while the writer commits,
+  connections (``_readers.Readers``), bounded by a ``CapacityLimiter``. WAL lets them proceed while the writer commits,
   and each read starts after the commits of every write that already returned, so it sees them.
   No SQLite call ever runs on the event loop thread.
 * **Checkpoints** run on a thread of the writer process (``_checkpointer.Checkpointer``), ahead
