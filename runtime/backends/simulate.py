@@ -103,6 +103,14 @@ def _plain_answer(label: str, prompt: str) -> str:
     return f"Simulated answer for {label or prompt[:60]!r}: {words}."
 
 
+def _result(request: AgentRequest, text: str, output_tokens: int, schema_chars: int = 0,
+            data: Any = None) -> AgentResult:
+    # Input as a real backend would send it: the subagent system prompt, the prompt, the schema.
+    usage = Usage(max(1, (_SYSTEM_PROMPT_CHARS + len(request.prompt) + schema_chars) // 4), output_tokens)
+    return AgentResult(text, usage, request.model or "simulate", data=data,
+                       transcript=({"role": "user", "content": request.prompt}, {"role": "assistant", "content": text}))
+
+
 def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
@@ -170,30 +178,16 @@ class SimulateBackend:
                 return self._shaped(request, settings)
         elif request.schema is not None:
             return self._shaped(request, {})
-        # A plain answer: the common case, written out (it runs once per agent in dry runs).
-        prompt = request.prompt
-        text = _plain_answer(request.label, prompt)
-        return AgentResult(
-            text,
-            Usage(max(1, (_SYSTEM_PROMPT_CHARS + len(prompt)) // 4), max(1, len(text) // 4)),
-            request.model or "simulate",
-            transcript=({"role": "user", "content": prompt}, {"role": "assistant", "content": text}),
-        )
+        # A plain answer: the common case, without the rule lookups (once per agent in dry runs).
+        text = _plain_answer(request.label, request.prompt)
+        return _result(request, text, _tokens(text))
 
     def _shaped(self, request: AgentRequest, settings: Mapping[str, Any]) -> AgentResult:
         """An answer that settings or a schema shape: canned, invalid, or sampled from the schema."""
         text, data = self._answer(request, settings)
         out_tokens = int(settings.get("output_tokens") or _tokens(text))
-        # Input as a real backend would send it: the subagent system prompt, the prompt, the schema.
         schema_chars = len(json.dumps(request.schema)) if request.schema is not None else 0
-        usage = Usage(max(1, (_SYSTEM_PROMPT_CHARS + len(request.prompt) + schema_chars) // 4), out_tokens)
-        return AgentResult(
-            text,
-            usage,
-            request.model or "simulate",
-            data=data,
-            transcript=({"role": "user", "content": request.prompt}, {"role": "assistant", "content": text}),
-        )
+        return _result(request, text, out_tokens, schema_chars, data)
 
     def _answer(self, request: AgentRequest, settings: Mapping[str, Any]) -> tuple[str, Any]:
         responses, invalid = settings.get("responses"), settings.get("invalid")
