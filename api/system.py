@@ -79,6 +79,12 @@ class EngineCollector:
         yield GaugeMetricFamily("quickflow_slices_running", "Isolate slices running on workers", value=pool.running)
         yield GaugeMetricFamily("quickflow_slices_waiting", "Isolate slices waiting for a worker", value=pool.waiting)
         yield CounterMetricFamily("quickflow_slices", "Isolate slices run", value=pool.slices_total)
+        yield CounterMetricFamily("quickflow_slice_overruns",
+                                  "Slices abandoned while stuck in a built-in call past their deadline",
+                                  value=pool.overruns_total)
+        yield GaugeMetricFamily("quickflow_slices_overrunning",
+                                "Abandoned slices whose worker thread is still inside the engine",
+                                value=pool.overrunning)
         yield GaugeMetricFamily("quickflow_store_commit_wait_seconds",
                                 "How long the oldest write handed to the store has waited to be committed",
                                 value=engine.store.commit_wait_s())

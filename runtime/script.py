@@ -14,6 +14,7 @@ never awaited are cancelled when the script ends.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -23,12 +24,14 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from sandbox import Isolate, Request, ScriptFailure, Slice, SlicePool
+from sandbox import Isolate, Request, ScriptFailure, Slice, SliceOverrun, SlicePool
 
 if TYPE_CHECKING:
     from .run import Run
 
 __all__ = ["ScriptDriver"]
+
+logger = logging.getLogger(__name__)
 
 MAX_PENDING_TIMERS = 10_000
 AGENTS_PER_TURN = 16
@@ -96,7 +99,7 @@ class ScriptDriver:
     # --- the loop ---------------------------------------------------------------------------
 
     async def _drive(self) -> Slice:
-        current = await self._pool.run(partial(self._isolate.start, self._body, self._config))
+        current = await self._slice(partial(self._isolate.start, self._body, self._config))
         self.run.ctx.isolate_started()
         handled: anyio.Event | None = None
         while True:
@@ -121,7 +124,17 @@ class ScriptDriver:
             await self._wait_for_inbox()
             batch, self._inbox = self._inbox, []
             handled, self._batch_handled = self._batch_handled, None
-            current = await self._pool.run(partial(self._isolate.settle, batch, self.run.js_state()))
+            current = await self._slice(partial(self._isolate.settle, batch, self.run.js_state()))
+
+    async def _slice(self, step: partial[Slice]) -> Slice:
+        """Run one slice on the pool. One stuck in a built-in call past its deadline is left to
+        its thread, and the script fails."""
+        try:
+            return await self._pool.run(step, overrun_after_s=self._isolate.overrun_after_s)
+        except SliceOverrun as overrun:
+            logger.warning("run %s: a slice was still inside the engine after %g s and was abandoned; its "
+                           "thread runs on until the engine stops the script", self.run.id, overrun.seconds)
+            return Slice(requests=(), finished=True, failure=self._isolate.overrun_failure(overrun.seconds))
 
     async def _wait_for_inbox(self) -> None:
         """Wait for a settlement. A script that waits long gives up its isolate's memory

@@ -18,7 +18,7 @@ from ._isolate import (
     spare_isolates_wanted,
 )
 from ._memory import evictions_total, release_freed_memory
-from ._pool import SlicePool, SlicePoolStatistics
+from ._pool import SliceOverrun, SlicePool, SlicePoolStatistics
 from ._source import Diagnostic
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "ScriptFailure",
     "ScriptMeta",
     "Slice",
+    "SliceOverrun",
     "SlicePool",
     "SlicePoolStatistics",
     "check_script",

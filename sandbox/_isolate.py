@@ -8,9 +8,12 @@ callable: it calls three JS functions it took from the prelude (``start``, ``set
 
 Invariants:
 - At most one slice of an isolate runs at a time (the run awaits each slice before the next).
-- A slice never runs longer than ``slice_cpu_s`` (the engine's interrupt handler stops a busy
+- A slice stops once it has run ``slice_cpu_s`` (the engine's interrupt handler stops a busy
   call; the drain loop stops a flood of short jobs), and the isolate's total CPU is capped by
-  ``run_cpu_s``, accounted here with the thread's CPU clock.
+  ``run_cpu_s``, accounted here with the thread's CPU clock. The handler is polled between
+  bytecodes only, so a slice stuck in one built-in call runs on: at ``overrun_after_s`` the
+  pool abandons it and the run fails (``overrun_failure``); the context is dropped when the
+  call returns.
 - After a limit is hit the context is dropped: a context that ran out of memory is not trusted.
 - A waiting script's context can be *evicted* (dropped to free its memory) and is rebuilt by
   replay before its next slice: the same script, config and settlement batches, in the same
@@ -229,6 +232,11 @@ MAX_REPLAY_SLICES = 256
 MAX_REPLAY_CPU_S = 0.25
 MAX_EVICTIONS = 64
 REPLAY_SLICE_S = 10.0  # the time limit of one replayed slice (see _rehydrate)
+# A slice still running after OVERRUN_FACTOR times its limit plus OVERRUN_GRACE_S of wall time
+# is abandoned (``SlicePool``): it is stuck in a built-in call that the engine cannot interrupt.
+# Honest slices end well before: the engine's limit counts the CPU time of the whole process.
+OVERRUN_FACTOR = 3.0
+OVERRUN_GRACE_S = 2.0
 
 
 class _ReplayDiverged(Exception):
@@ -251,6 +259,7 @@ class Isolate:
         self._settle: Any = None
         self._start: Any = None
         self._finished = False
+        self._close_pending = False  # closed while a slice ran (see close)
         # For replay after an eviction: how the script was started, every settlement batch
         # since (references to the values, not copies) and a digest of each slice's outbox.
         self._boot_args: tuple[str, Mapping[str, Any]] | None = None
@@ -333,8 +342,35 @@ class Isolate:
         with self._lock:
             return int(self._ctx.memory()["memory_used_size"])
 
+    @property
+    def overrun_after_s(self) -> float:
+        """The wall time after which the next slice counts as stuck (see ``SlicePool``)."""
+        cpu_s = self.limits.slice_cpu_s + (MAX_REPLAY_CPU_S if self._evicted else 0.0)
+        return cpu_s * OVERRUN_FACTOR + OVERRUN_GRACE_S
+
+    def overrun_failure(self, seconds: float) -> ScriptFailure:
+        """Why a run whose slice was abandoned at its deadline stopped."""
+        return ScriptFailure(
+            "limit",
+            "cpu_slice",
+            f"script ran for more than {seconds:g} s inside a single built-in call, which the slice limit of "
+            f"{self.limits.slice_cpu_s:g} s cannot interrupt (join() or sort() of a huge or sparse array, or a "
+            "search in a huge string?); long computations belong in agents, not in the script",
+        )
+
     def close(self) -> None:
-        """Drop the context. The run stops being driven; nothing of it runs again."""
+        """Drop the context. The run stops being driven; nothing of it runs again.
+
+        A slice that was abandoned while stuck in the engine still holds the context: it is
+        dropped when that slice returns."""
+        self._close_pending = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop()
+            finally:
+                self._lock.release()
+
+    def _drop(self) -> None:
         self._ctx = self._take = self._settle = self._start = None
         self._evicted = False
         self._history, self._digests, self._boot_args = [], [], None
@@ -363,7 +399,7 @@ class Isolate:
             assert self._ctx is not None
             self._ctx.set_time_limit(self.limits.slice_cpu_s)
         except (_ReplayDiverged, _LimitHit, quickjs.JSException, RecursionError) as exc:
-            self.close()
+            self._drop()
             return ScriptFailure(
                 "internal", "replay",
                 f"the script could not be rebuilt after its isolate was evicted to save memory ({exc or type(exc).__name__}); "
@@ -430,6 +466,8 @@ class Isolate:
                 )
         finally:
             self._lock.release()
+            if self._close_pending:  # abandoned (see close), and only now out of the engine
+                self.close()
 
     def _drain(self, started: float, limit: float | None = None) -> None:
         ctx = self._ctx
@@ -461,9 +499,9 @@ class Isolate:
                     f"the return value is {len(text.encode())} bytes of JSON; the limit is "
                     f"{self.limits.result_bytes} bytes: return a summary and keep bulk data elsewhere",
                 )
-                self.close()
+                self._drop()
                 return Slice(requests=requests, finished=True, failure=failure, cpu_s=cpu_s)
-            self.close()
+            self._drop()
             return Slice(requests=requests, finished=True, result=_parse_exact(text), cpu_s=cpu_s)
         error = done["error"]
         if self._out_of_memory(error):
@@ -476,7 +514,7 @@ class Isolate:
                 error.get("message") or "",
                 *(position or (None, None)),
             )
-        self.close()
+        self._drop()
         return Slice(requests=requests, finished=True, failure=failure, cpu_s=cpu_s)
 
     def _out_of_memory(self, error: Mapping[str, Any]) -> bool:
@@ -496,7 +534,7 @@ class Isolate:
     def _fail(self, failure: ScriptFailure, cpu_s: float) -> Slice:
         self.cpu_s += cpu_s
         self._finished = True
-        self.close()
+        self._drop()
         return Slice(requests=(), finished=True, failure=failure, cpu_s=cpu_s)
 
     def _slice_failure(self, stack: str = "") -> ScriptFailure:

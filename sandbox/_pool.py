@@ -3,24 +3,47 @@
 A slice blocks the thread that runs it for up to one slice limit. Running slices on a small
 pool of worker threads keeps the event loop responsive (quickjs-ng releases the GIL while JS
 runs) and lets several runs compute at once. The pool is a FIFO-fair ``CapacityLimiter`` over
-anyio's worker threads: a hostile run can hold one worker for at most one slice before every
-waiting run gets its turn. An isolate runs on one thread at a time, because its run awaits
-each slice before it asks for the next.
+its threads: a hostile run can hold one worker for at most one slice before every waiting run
+gets its turn. An isolate runs on one thread at a time, because its run awaits each slice
+before it asks for the next.
+
+**Overruns.** The engine polls its time limit between bytecodes, and only every few thousand
+of them, so one built-in call runs to its end however long that takes: ``join()`` of an array
+with four billion holes, a quadratic string search, or a loop of slow built-in calls between
+two polls. A slice given a deadline (``overrun_after_s``) is abandoned when it is still
+running at that deadline: its caller gets :class:`SliceOverrun`, its worker token goes back
+to the pool, and a new thread takes the next slice. The abandoned thread runs on until the
+engine's next poll stops the script, which nothing can hasten, so it gets the lowest CPU
+priority (nice 19: it runs on what the service leaves idle) and exits when it is done. The
+threads are daemons, so an abandoned one never holds up the process's exit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
-import anyio.to_thread
 
-__all__ = ["SlicePool", "SlicePoolStatistics"]
+__all__ = ["SliceOverrun", "SlicePool", "SlicePoolStatistics"]
 
 T = TypeVar("T")
+
+# An idle worker thread exits after this long; the next slice starts a new one.
+IDLE_EXIT_S = 10.0
+
+
+class SliceOverrun(Exception):
+    """A slice was still running at its deadline and was abandoned (see the module docstring)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the slice was still running after {seconds:g} s")
+        self.seconds = seconds
 
 
 @dataclass(frozen=True)
@@ -29,18 +52,130 @@ class SlicePoolStatistics:
     running: int
     waiting: int
     slices_total: int
+    overruns_total: int = 0  # slices abandoned at their deadline
+    overrunning: int = 0  # abandoned slices whose thread is still running them
+
+
+class _Job(Generic[T]):
+    __slots__ = ("abandoned", "fn", "future", "pool", "thread_id")
+
+    def __init__(self, pool: SlicePool, fn: Callable[[], T], future: asyncio.Future[T]) -> None:
+        self.pool = pool
+        self.fn = fn
+        self.future = future
+        self.abandoned = False
+        self.thread_id: int | None = None  # the kernel's id of the thread running it
+
+    def run(self) -> None:
+        """On a worker thread: run the slice and hand its outcome to the loop."""
+        if self.abandoned:  # never started: nobody waits for it any more
+            return
+        self.thread_id = threading.get_native_id()
+        outcome: tuple[bool, Any]
+        try:
+            outcome = (True, self.fn())
+        except BaseException as exc:  # handed to the awaiting task, which raises it
+            outcome = (False, exc)
+        try:
+            self.future.get_loop().call_soon_threadsafe(self._resolve, outcome)
+        except RuntimeError:  # the loop is closed: nobody waits for this slice any more
+            pass
+
+    def _resolve(self, outcome: tuple[bool, Any]) -> None:
+        if self.abandoned:
+            self.pool._overrunning -= 1
+        if self.future.done():
+            return
+        ok, value = outcome
+        if ok:
+            self.future.set_result(value)
+        else:
+            self.future.set_exception(value)
+
+    def abandon(self, seconds: float) -> None:
+        """On the loop, at the deadline."""
+        if self.future.done():
+            return
+        self.abandoned = True
+        self.pool._overruns_total += 1
+        self.pool._overrunning += 1
+        if self.thread_id is not None:
+            _lowest_priority(self.thread_id)
+        self.future.set_exception(SliceOverrun(seconds))
+
+
+def _lowest_priority(thread_id: int) -> None:
+    """Nice 19 for one thread (on Linux a thread is a task of its own; raising nice needs no
+    privilege, lowering it does: the thread exits rather than serve again)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread_id, 19)
+    except (AttributeError, OSError):  # not on this platform, or the thread just ended
+        pass
 
 
 class SlicePool:
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers or max(4, os.cpu_count() or 1)
         self._limiter = anyio.CapacityLimiter(self.workers)
+        self._jobs: queue.SimpleQueue[_Job[Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards _threads and _idle, which threads change too
+        self._threads = 0
+        self._idle = 0
         self._total = 0
+        self._overruns_total = 0
+        self._overrunning = 0
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run one slice on a worker thread. Cancellation waits for the slice to end (≤ one slice)."""
+    async def run(self, fn: Callable[[], T], *, overrun_after_s: float | None = None) -> T:
+        """Run one slice on a worker thread. Cancellation waits for the slice to end: an isolate
+        runs one slice at a time. With ``overrun_after_s``, a slice still running after that
+        many seconds is abandoned and :class:`SliceOverrun` raised."""
         self._total += 1
-        return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+        async with self._limiter:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[T] = loop.create_future()
+            job = _Job(self, fn, future)
+            self._submit(job)
+            deadline = None if overrun_after_s is None else loop.call_later(overrun_after_s, job.abandon, overrun_after_s)
+            try:
+                with anyio.CancelScope(shield=True):
+                    result = await future
+            finally:
+                if deadline is not None:
+                    deadline.cancel()
+        return result
+
+    def _submit(self, job: _Job[Any]) -> None:
+        with self._lock:
+            # Abandoned threads hold no token but still run: the pool may need one more each.
+            spawn = self._idle == 0 and self._threads < self.workers + self._overrunning
+            if spawn:
+                self._threads += 1
+            # Under the lock, so that a thread deciding to exit sees this job (see _work).
+            self._jobs.put(job)
+        if spawn:
+            threading.Thread(target=self._work, name="quickflow slice worker", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                job = self._jobs.get(timeout=IDLE_EXIT_S)
+            except queue.Empty:
+                with self._lock:
+                    self._idle -= 1
+                    if self._jobs.empty():
+                        self._threads -= 1
+                        return
+                continue
+            with self._lock:
+                self._idle -= 1
+            job.run()
+            if job.abandoned:  # its thread may run at the lowest priority now
+                with self._lock:
+                    self._threads -= 1
+                return
+            del job  # the finished slice's result must not wait here for the next one
 
     def statistics(self) -> SlicePoolStatistics:
         stats = self._limiter.statistics()
@@ -49,4 +184,6 @@ class SlicePool:
             running=stats.borrowed_tokens,
             waiting=stats.tasks_waiting,
             slices_total=self._total,
+            overruns_total=self._overruns_total,
+            overrunning=self._overrunning,
         )

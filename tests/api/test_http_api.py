@@ -411,6 +411,8 @@ async def test_openapi_docs_health_metrics(service: Service, alice: httpx.AsyncC
             assert 'quickflow_runs{status="completed"} 1.0' in metrics.text
             assert "quickflow_agents_in_flight" in metrics.text
             assert "quickflow_isolate_evictions_total" in metrics.text
+            assert "quickflow_slice_overruns_total 0.0" in metrics.text
+            assert "quickflow_slices_overrunning 0.0" in metrics.text
 
 
 async def test_dashboard_is_served_at_root(service: Service) -> None:

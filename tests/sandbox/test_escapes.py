@@ -660,6 +660,43 @@ async def test_a_hostile_slice_does_not_hold_back_another_run() -> None:
             assert "without yielding" in hostile_record.error["message"]
 
 
+# --- built-in calls the slice limit cannot interrupt ------------------------------------------------
+
+# About 3 s of native work on the development machine, in one call: no bytecode runs, so the engine
+# never polls its time limit. The test's deadline is a sixth of that.
+STUCK_SCRIPT = "return Array(2 ** 27).join('').length"
+
+
+@pytest.mark.anyio
+async def test_a_slice_stuck_in_a_built_in_is_abandoned_and_its_worker_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker, two runs stuck inside ``join()`` of a huge sparse array: both end at their
+    slice's deadline (one cancelled while stuck, one failed), and a good run then gets a worker."""
+    import sandbox._isolate
+
+    monkeypatch.setattr(sandbox._isolate, "OVERRUN_GRACE_S", 0.2)  # deadline: 3 × 0.1 + 0.2 s
+    from sandbox import SlicePool
+
+    with anyio.fail_after(20):
+        async with Engine(make_settings(slice_cpu_s=0.1), MemoryStore(), recover=False, pool=SlicePool(1)) as engine:
+            cancelled = await engine.submit(RunRequest(script=STUCK_SCRIPT, options=OPTIONS))
+            while engine.pool.statistics().running == 0:  # its slice holds the only worker
+                await anyio.sleep(0.005)
+            cancelled_record = await engine.cancel(cancelled.id)
+            assert cancelled_record.status == "cancelled"
+
+            stuck = await engine.submit(RunRequest(script=STUCK_SCRIPT, options=OPTIONS))
+            good = await engine.submit(RunRequest(script=SEQUENTIAL_SCRIPT, options=OPTIONS))
+            stuck_record = await engine.wait(stuck.id)
+            assert stuck_record.status == "failed" and stuck_record.error is not None
+            assert stuck_record.error["name"] == "cpu_slice"
+            assert "inside a single built-in call" in stuck_record.error["message"], stuck_record.error
+
+            good_record = await engine.wait(good.id)
+            assert (good_record.status, good_record.result) == ("completed", 10), good_record.error
+            stats = engine.pool.statistics()
+            assert stats.overruns_total == 2 and stats.running == 0
+
+
 # --- attacks that once froze the host, first tried in a child process ------------------------------
 
 HANG_CHILD = textwrap.dedent(

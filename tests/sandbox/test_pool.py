@@ -1,0 +1,125 @@
+"""The slice pool: FIFO-fair workers, and slices abandoned at their deadline.
+
+The slices here are plain functions that block their thread (``threading.Event.wait``), the
+way a built-in call blocks a slice inside the engine; tests release them when they are done.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import anyio
+import pytest
+
+from sandbox import SliceOverrun, SlicePool
+
+
+def blocked_until(release: threading.Event, started: threading.Event | None = None,
+                  thread_ids: list[int] | None = None) -> str:
+    if thread_ids is not None:
+        thread_ids.append(threading.get_native_id())
+    if started is not None:
+        started.set()
+    release.wait(10)
+    return "released"
+
+
+@pytest.mark.anyio
+async def test_a_slice_past_its_deadline_is_abandoned_and_the_pool_goes_on() -> None:
+    release = threading.Event()
+    pool = SlicePool(workers=1)
+    stuck: list[int] = []
+    try:
+        with anyio.fail_after(10):
+            started = time.perf_counter()
+            with pytest.raises(SliceOverrun) as caught:
+                await pool.run(lambda: blocked_until(release, thread_ids=stuck), overrun_after_s=0.2)
+            waited = time.perf_counter() - started
+            assert caught.value.seconds == 0.2
+            assert 0.2 <= waited < 5
+
+            stats = pool.statistics()
+            assert (stats.overruns_total, stats.overrunning, stats.running) == (1, 1, 0)
+            # The stuck thread runs on, on what the rest of the process leaves idle.
+            assert os.getpriority(os.PRIO_PROCESS, stuck[0]) == 19
+
+            # Its only worker is still blocked, yet the next slice runs at once: on a new thread.
+            assert await pool.run(lambda: threading.current_thread().name) == "quickflow slice worker"
+            assert await pool.run(lambda: 6 * 7, overrun_after_s=5) == 42
+
+            release.set()
+            while pool.statistics().overrunning:
+                await anyio.sleep(0.01)
+            assert pool.statistics().overruns_total == 1
+            # Once out of its slice, the low-priority thread leaves the pool.
+            while any(thread.native_id == stuck[0] for thread in threading.enumerate()):
+                await anyio.sleep(0.01)
+            assert await pool.run(threading.get_native_id) != stuck[0]
+    finally:
+        release.set()
+
+
+@pytest.mark.anyio
+async def test_a_slice_that_ends_in_time_keeps_its_result_and_its_errors() -> None:
+    pool = SlicePool(workers=2)
+    with anyio.fail_after(10):
+        assert await pool.run(lambda: "done", overrun_after_s=5) == "done"
+
+        def fails() -> None:
+            raise ValueError("from the slice")
+
+        with pytest.raises(ValueError, match="from the slice"):
+            await pool.run(fails, overrun_after_s=5)
+        stats = pool.statistics()
+        assert (stats.slices_total, stats.overruns_total, stats.overrunning) == (2, 0, 0)
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_caller_waits_for_the_slice_until_its_deadline() -> None:
+    # An isolate runs one slice at a time: a cancelled run must not start another while its
+    # slice still runs. The deadline still bounds the wait.
+    release = threading.Event()
+    started = threading.Event()
+    pool = SlicePool(workers=1)
+    outcome: list[str] = []
+
+    async def caller() -> None:
+        try:
+            await pool.run(lambda: blocked_until(release, started), overrun_after_s=0.5)
+            outcome.append("finished")
+        except SliceOverrun:
+            outcome.append("abandoned")
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(caller)
+                while not started.is_set():
+                    await anyio.sleep(0.005)
+                tg.cancel_scope.cancel()
+            assert outcome == ["abandoned"]
+    finally:
+        release.set()
+
+
+@pytest.mark.anyio
+async def test_workers_run_slices_side_by_side_up_to_the_pool_size() -> None:
+    release = threading.Event()
+    pool = SlicePool(workers=2)
+    entered = [threading.Event(), threading.Event(), threading.Event()]
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for event in entered:
+                    tg.start_soon(pool.run, lambda event=event: blocked_until(release, event))
+                while not (entered[0].is_set() and entered[1].is_set()):
+                    await anyio.sleep(0.005)
+                stats = pool.statistics()
+                assert (stats.running, stats.waiting) == (2, 1)
+                assert not entered[2].is_set()
+                release.set()
+            assert all(event.is_set() for event in entered)
+    finally:
+        release.set()
