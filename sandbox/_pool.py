@@ -24,6 +24,7 @@ import asyncio
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -57,29 +58,40 @@ class SlicePoolStatistics:
 
 
 class _Job(Generic[T]):
-    __slots__ = ("abandoned", "fn", "future", "pool", "thread_id")
+    """One slice handed to a worker thread. ``started_at``, ``finished`` and ``abandoned``
+    change under the pool's lock: a slice either finishes or is abandoned, never both."""
+
+    __slots__ = ("abandoned", "finished", "fn", "future", "pool", "started_at", "thread_id", "timer")
 
     def __init__(self, pool: SlicePool, fn: Callable[[], T], future: asyncio.Future[T]) -> None:
         self.pool = pool
         self.fn = fn
         self.future = future
+        self.started_at: float | None = None  # time.monotonic() on its thread
+        self.thread_id: int | None = None  # the kernel's id of that thread
+        self.finished = False
         self.abandoned = False
-        self.thread_id: int | None = None  # the kernel's id of the thread running it
+        self.timer: asyncio.TimerHandle | None = None  # the deadline's check (see SlicePool._check)
 
-    def run(self) -> None:
-        """On a worker thread: run the slice and hand its outcome to the loop."""
-        if self.abandoned:  # never started: nobody waits for it any more
-            return
-        self.thread_id = threading.get_native_id()
+    def run(self) -> bool:
+        """On a worker thread: run the slice and hand its outcome to the loop. True when it
+        was abandoned meanwhile (its thread may run at the lowest priority now)."""
+        with self.pool._lock:
+            self.thread_id = threading.get_native_id()
+            self.started_at = time.monotonic()
         outcome: tuple[bool, Any]
         try:
             outcome = (True, self.fn())
         except BaseException as exc:  # handed to the awaiting task, which raises it
             outcome = (False, exc)
+        with self.pool._lock:
+            self.finished = True
+            abandoned = self.abandoned
         try:
             self.future.get_loop().call_soon_threadsafe(self._resolve, outcome)
         except RuntimeError:  # the loop is closed: nobody waits for this slice any more
             pass
+        return abandoned
 
     def _resolve(self, outcome: tuple[bool, Any]) -> None:
         if self.abandoned:
@@ -92,24 +104,13 @@ class _Job(Generic[T]):
         else:
             self.future.set_exception(value)
 
-    def abandon(self, seconds: float) -> None:
-        """On the loop, at the deadline."""
-        if self.future.done():
-            return
-        self.abandoned = True
-        self.pool._overruns_total += 1
-        self.pool._overrunning += 1
-        if self.thread_id is not None:
-            _lowest_priority(self.thread_id)
-        self.future.set_exception(SliceOverrun(seconds))
-
 
 def _lowest_priority(thread_id: int) -> None:
     """Nice 19 for one thread (on Linux a thread is a task of its own; raising nice needs no
     privilege, lowering it does: the thread exits rather than serve again)."""
     try:
         os.setpriority(os.PRIO_PROCESS, thread_id, 19)
-    except (AttributeError, OSError):  # not on this platform, or the thread just ended
+    except (AttributeError, OSError):  # not on this platform
         pass
 
 
@@ -118,64 +119,92 @@ class SlicePool:
         self.workers = workers or max(4, os.cpu_count() or 1)
         self._limiter = anyio.CapacityLimiter(self.workers)
         self._jobs: queue.SimpleQueue[_Job[Any]] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # guards _threads and _idle, which threads change too
-        self._threads = 0
-        self._idle = 0
+        self._lock = threading.Lock()  # guards the three counts below and the jobs' states
+        self._threads = 0  # started and not exited
+        self._busy = 0  # running a job (abandoned ones included)
+        self._queued = 0  # jobs submitted and not yet taken by a thread
         self._total = 0
         self._overruns_total = 0
         self._overrunning = 0
 
     async def run(self, fn: Callable[[], T], *, overrun_after_s: float | None = None) -> T:
         """Run one slice on a worker thread. Cancellation waits for the slice to end: an isolate
-        runs one slice at a time. With ``overrun_after_s``, a slice still running after that
-        many seconds is abandoned and :class:`SliceOverrun` raised."""
+        runs one slice at a time. With ``overrun_after_s``, a slice still running that many
+        seconds after it started is abandoned and :class:`SliceOverrun` raised."""
         self._total += 1
         async with self._limiter:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[T] = loop.create_future()
             job = _Job(self, fn, future)
             self._submit(job)
-            deadline = None if overrun_after_s is None else loop.call_later(overrun_after_s, job.abandon, overrun_after_s)
+            if overrun_after_s is not None:
+                job.timer = loop.call_later(overrun_after_s, self._check, job, overrun_after_s)
             try:
                 with anyio.CancelScope(shield=True):
                     result = await future
             finally:
-                if deadline is not None:
-                    deadline.cancel()
+                if job.timer is not None:
+                    job.timer.cancel()
         return result
+
+    def _check(self, job: _Job[Any], seconds: float) -> None:
+        """On the loop: abandon the slice if it has run ``seconds``, else look again when it would have."""
+        with self._lock:
+            if job.finished:
+                return
+            started_at = job.started_at
+            due = (started_at if started_at is not None else time.monotonic()) + seconds
+            if started_at is None or time.monotonic() < due:
+                job.timer = job.future.get_loop().call_later(due - time.monotonic(), self._check, job, seconds)
+                return
+            job.abandoned = True
+            assert job.thread_id is not None
+            _lowest_priority(job.thread_id)  # under the lock: the thread cannot have gone on to another slice
+        self._overruns_total += 1
+        self._overrunning += 1
+        job.future.set_exception(SliceOverrun(seconds))
 
     def _submit(self, job: _Job[Any]) -> None:
         with self._lock:
-            # Abandoned threads hold no token but still run: the pool may need one more each.
-            spawn = self._idle == 0 and self._threads < self.workers + self._overrunning
+            self._queued += 1
+            # A thread for every queued job; abandoned threads hold no token but still run,
+            # so the pool may need one more each.
+            spawn = self._threads - self._busy < self._queued and self._threads < self.workers + self._overrunning
             if spawn:
                 self._threads += 1
-            # Under the lock, so that a thread deciding to exit sees this job (see _work).
             self._jobs.put(job)
         if spawn:
             threading.Thread(target=self._work, name="quickflow slice worker", daemon=True).start()
 
     def _work(self) -> None:
         while True:
+            job = self._next_job()
+            if job is None:
+                return
+            abandoned = job.run()
             with self._lock:
-                self._idle += 1
+                self._busy -= 1
+                if abandoned:  # its thread may run at the lowest priority now
+                    self._threads -= 1
+                    return
+            del job  # the finished slice's result must not wait here for the next one
+
+    def _next_job(self) -> _Job[Any] | None:
+        """The next job, or None once this thread has idled IDLE_EXIT_S with more threads
+        free than jobs queued."""
+        while True:
             try:
                 job = self._jobs.get(timeout=IDLE_EXIT_S)
             except queue.Empty:
                 with self._lock:
-                    self._idle -= 1
-                    if self._jobs.empty():
+                    if self._threads - self._busy > self._queued:
                         self._threads -= 1
-                        return
+                        return None
                 continue
             with self._lock:
-                self._idle -= 1
-            job.run()
-            if job.abandoned:  # its thread may run at the lowest priority now
-                with self._lock:
-                    self._threads -= 1
-                return
-            del job  # the finished slice's result must not wait here for the next one
+                self._queued -= 1
+                self._busy += 1
+            return job
 
     def statistics(self) -> SlicePoolStatistics:
         stats = self._limiter.statistics()

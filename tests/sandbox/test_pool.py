@@ -7,12 +7,14 @@ way a built-in call blocks a slice inside the engine; tests release them when th
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 
 import anyio
 import pytest
 
+import sandbox._pool
 from sandbox import SliceOverrun, SlicePool
 
 
@@ -123,3 +125,47 @@ async def test_workers_run_slices_side_by_side_up_to_the_pool_size() -> None:
             assert all(event.is_set() for event in entered)
     finally:
         release.set()
+
+
+@pytest.mark.anyio
+async def test_slices_submitted_together_get_a_thread_each_though_one_is_idle() -> None:
+    # One thread idles after a first slice; two slices arriving in the same turn must not both
+    # count on it.
+    release = threading.Event()
+    pool = SlicePool(workers=2)
+    entered = [threading.Event(), threading.Event()]
+    try:
+        with anyio.fail_after(10):
+            await pool.run(lambda: None)
+            await anyio.sleep(0.05)  # its thread back to waiting for the next slice
+            async with anyio.create_task_group() as tg:
+                for event in entered:
+                    tg.start_soon(pool.run, lambda event=event: blocked_until(release, event))
+                while not all(event.is_set() for event in entered):
+                    await anyio.sleep(0.005)
+                release.set()
+    finally:
+        release.set()
+
+
+@pytest.mark.anyio
+async def test_no_slice_is_stranded_while_idle_threads_come_and_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox._pool, "IDLE_EXIT_S", 0.001)
+    pool = SlicePool(workers=3)
+    rng = random.Random(5)
+    done = 0
+
+    async def one() -> None:
+        nonlocal done
+        await pool.run(lambda: time.sleep(0.001), overrun_after_s=5)
+        done += 1
+
+    with anyio.fail_after(30):
+        for _ in range(300):
+            async with anyio.create_task_group() as tg:
+                for _ in range(rng.randint(1, 6)):
+                    tg.start_soon(one)
+            if rng.random() < 0.3:
+                await anyio.sleep(rng.random() * 0.003)
+    stats = pool.statistics()
+    assert done == stats.slices_total and stats.overruns_total == 0
