@@ -106,6 +106,239 @@
     writable: false, configurable: false,
   });
 
+  // --- built-ins the slice limit cannot stop -----------------------------------------------
+  // The engine polls its time limit between bytecodes, once every few thousand calls or loop
+  // turns, and never inside a built-in call. So one call can run for hours (join() or sort()
+  // of an array-like whose length says four billion, a quadratic string search), and a loop of
+  // slow calls runs thousands of them before the next poll. The built-ins that can do either
+  // are wrapped, and give the built-ins' own results:
+  // - each call first reads the slice's wall clock, and once the slice has run twice its limit
+  //   it spins, so that the engine's next poll stops the script (__quickflow_slice_clock);
+  // - an array method refuses a length above MAX_ARRAY_WORK: no array that fits the heap
+  //   gets near it, only sparse arrays and array-likes;
+  // - a string search whose worst case is above SEARCH_WORK comparisons runs in windows, and
+  //   reads the clock between them.
+  // What still overruns is abandoned by the pool (sandbox/_pool.py).
+  const realNow = RealDate.now;
+  let sliceWallMs = Infinity;
+  let sliceEnds = Infinity;
+  const qf$checkClock = function qf$checkClock() {
+    if (realNow() > sliceEnds) for (;;) {}
+  };
+  const apply = Reflect.apply;
+  const mathMin = Math.min, mathMax = Math.max, mathTrunc = Math.trunc;
+  const toStr = function qf$toString(v) { return `${v}`; }; // ToString: throws for symbols, as the built-ins do
+  const isObject = (v) => v !== null && (typeof v === 'object' || typeof v === 'function');
+  const objectToString = Object.prototype.toString;
+  const MAX_ARRAY_WORK = 2 ** 25;
+  const SEARCH_WORK = 2 ** 22;
+  const SEARCH_HEAD = 256;
+
+  const wrap = (proto, name, body) => {
+    const native = proto[name];
+    const wrapper = body(native);
+    defineProperty(wrapper, 'name', { value: name });
+    defineProperty(wrapper, 'length', { value: native.length });
+    defineProperty(proto, name, { value: wrapper, writable: true, enumerable: false, configurable: true });
+  };
+
+  const qf$arrayWork = function qf$arrayWork(name, o) {
+    if (!isObject(o)) return;
+    const length = +o.length;
+    if (length > MAX_ARRAY_WORK) {
+      throw new RangeError(`Array.prototype.${name}() of a length of ${length}: at most ${MAX_ARRAY_WORK} elements ` +
+        'in one call in a workflow script (a sparse array or an array-like?)');
+    }
+  };
+  for (const name of ['join', 'toLocaleString', 'reverse', 'sort', 'shift', 'unshift', 'slice', 'splice',
+    'copyWithin', 'flat', 'flatMap', 'concat']) {
+    wrap(Array.prototype, name, (native) => ({
+      [`qf$${name}`](...args) {
+        qf$checkClock();
+        qf$arrayWork(name, this);
+        if (name === 'concat') {
+          for (const arg of args) {
+            if (!isObject(arg)) continue;
+            const spreadable = arg[Symbol.isConcatSpreadable];
+            if (spreadable !== undefined ? spreadable : Array.isArray(arg)) qf$arrayWork(name, arg);
+          }
+        }
+        return apply(native, this, args);
+      },
+    })[`qf$${name}`]);
+  }
+
+  const SP = String.prototype;
+  const nIndexOf = SP.indexOf, nLastIndexOf = SP.lastIndexOf, nSlice = SP.slice, nStartsWith = SP.startsWith;
+  const heavy = (n, m) => m > 1 && (n - m + 1) * m > SEARCH_WORK;
+  const toInteger = function qf$toInteger(v) { const x = +v; return x !== x ? 0 : mathTrunc(x); }; // ToIntegerOrInfinity
+
+  // The first index ≥ from where P occurs in S, or -1. The first SEARCH_HEAD characters of P
+  // are searched natively, a window of start positions at a time; the rest is compared by
+  // startsWith at each candidate.
+  function qf$find(S, P, from) {
+    const n = S.length, m = P.length;
+    const k = m < SEARCH_HEAD ? m : SEARCH_HEAD;
+    const head = k === m ? P : apply(nSlice, P, [0, k]);
+    const width = mathMax(1, mathTrunc(SEARCH_WORK / k));
+    for (let lo = from; lo <= n - m; lo += width) {
+      qf$checkClock();
+      const window = apply(nSlice, S, [lo, mathMin(n - m, lo + width - 1) + k]);
+      for (let at = apply(nIndexOf, window, [head]); at >= 0; at = apply(nIndexOf, window, [head, at + 1])) {
+        qf$checkClock();
+        if (k === m || apply(nStartsWith, S, [P, lo + at])) return lo + at;
+      }
+    }
+    return -1;
+  }
+
+  // The last index ≤ from where P occurs in S, or -1; windows from the end.
+  function qf$findLast(S, P, from) {
+    const n = S.length, m = P.length;
+    const k = m < SEARCH_HEAD ? m : SEARCH_HEAD;
+    const head = k === m ? P : apply(nSlice, P, [0, k]);
+    const width = mathMax(1, mathTrunc(SEARCH_WORK / k));
+    for (let hi = mathMin(from, n - m); hi >= 0; hi -= width) {
+      qf$checkClock();
+      const lo = mathMax(0, hi - width + 1);
+      const window = apply(nSlice, S, [lo, hi + k]);
+      for (let at = apply(nLastIndexOf, window, [head]); at >= 0; at = at > 0 ? apply(nLastIndexOf, window, [head, at - 1]) : -1) {
+        qf$checkClock();
+        if (k === m || apply(nStartsWith, S, [P, lo + at])) return lo + at;
+      }
+    }
+    return -1;
+  }
+
+  // GetSubstitution for a string pattern: no captures, so only $$, $&, $` and $' are special.
+  function qf$substitute(matched, S, position, template) {
+    if (apply(nIndexOf, template, ['$']) < 0) return template;
+    let out = '';
+    for (let i = 0; i < template.length; i++) {
+      const c = template[i];
+      const d = template[i + 1];
+      if (c !== '$' || d === undefined) out += c;
+      else if (d === '$') { out += '$'; i++; }
+      else if (d === '&') { out += matched; i++; }
+      else if (d === '`') { out += apply(nSlice, S, [0, position]); i++; }
+      else if (d === "'") { out += apply(nSlice, S, [position + matched.length]); i++; }
+      else out += c;
+    }
+    return out;
+  }
+
+  // A search value's own method for `key` (GetMethod), read once; undefined for primitives,
+  // whose prototypes are frozen without one.
+  function qf$method(value, key) {
+    if (!isObject(value)) return undefined;
+    const method = value[key];
+    if (method === undefined || method === null) return undefined;
+    if (typeof method !== 'function') throw new TypeError(`${String(key)} is not a function`);
+    return method;
+  }
+
+  function qf$isRegExp(value) {
+    if (!isObject(value)) return false;
+    const matcher = value[Symbol.match];
+    if (matcher !== undefined) return !!matcher;
+    return apply(objectToString, value, []) === '[object RegExp]';
+  }
+
+  wrap(SP, 'indexOf', (native) => function qf$indexOf(searchString, position) {
+    qf$checkClock();
+    if (this === null || this === undefined) return apply(native, this, []);
+    const S = toStr(this), P = toStr(searchString);
+    if (!heavy(S.length, P.length)) return apply(native, S, [P, position]);
+    return qf$find(S, P, mathMin(mathMax(toInteger(position), 0), S.length));
+  });
+
+  wrap(SP, 'includes', (native) => function qf$includes(searchString, position) {
+    qf$checkClock();
+    if (this === null || this === undefined) return apply(native, this, []);
+    const S = toStr(this);
+    if (qf$isRegExp(searchString)) throw new TypeError('First argument to String.prototype.includes must not be a regular expression');
+    const P = toStr(searchString);
+    if (!heavy(S.length, P.length)) return apply(native, S, [P, position]);
+    return qf$find(S, P, mathMin(mathMax(toInteger(position), 0), S.length)) !== -1;
+  });
+
+  wrap(SP, 'lastIndexOf', (native) => function qf$lastIndexOf(searchString, position) {
+    qf$checkClock();
+    if (this === null || this === undefined) return apply(native, this, []);
+    const S = toStr(this), P = toStr(searchString);
+    if (!heavy(S.length, P.length)) return apply(native, S, [P, position]);
+    const x = +position;
+    const start = x !== x ? Infinity : mathTrunc(x);
+    return qf$findLast(S, P, mathMin(mathMax(start, 0), S.length));
+  });
+
+  wrap(SP, 'split', (native) => function qf$split(separator, limit) {
+    qf$checkClock();
+    if (this === null || this === undefined) return apply(native, this, []);
+    const splitter = qf$method(separator, Symbol.split);
+    if (splitter !== undefined) return apply(splitter, separator, [this, limit]);
+    const S = toStr(this);
+    const lim = limit === undefined ? 2 ** 32 - 1 : limit >>> 0;
+    const R = toStr(separator);
+    if (separator === undefined || lim === 0 || !heavy(S.length, R.length)) {
+      return apply(native, S, [separator === undefined ? undefined : R, lim]);
+    }
+    const parts = [];
+    let i = 0;
+    for (let j = qf$find(S, R, 0); j !== -1; j = qf$find(S, R, i)) {
+      parts.push(apply(nSlice, S, [i, j]));
+      if (parts.length === lim) return parts;
+      i = j + R.length;
+    }
+    parts.push(apply(nSlice, S, [i]));
+    return parts;
+  });
+
+  const qf$replaceAt = (S, P, positions, replaceValue) => {
+    let out = '';
+    let end = 0;
+    for (const p of positions) {
+      const replacement = typeof replaceValue === 'function'
+        ? toStr(replaceValue(P, p, S)) : qf$substitute(P, S, p, replaceValue);
+      out += apply(nSlice, S, [end, p]) + replacement;
+      end = p + P.length;
+    }
+    return out + apply(nSlice, S, [end]);
+  };
+
+  wrap(SP, 'replace', (native) => function qf$replace(searchValue, replaceValue) {
+    qf$checkClock();
+    if (this === null || this === undefined) return apply(native, this, []);
+    const replacer = qf$method(searchValue, Symbol.replace);
+    if (replacer !== undefined) return apply(replacer, searchValue, [this, replaceValue]);
+    const S = toStr(this), P = toStr(searchValue);
+    if (!heavy(S.length, P.length)) return apply(native, S, [P, replaceValue]);
+    const template = typeof replaceValue === 'function' ? replaceValue : toStr(replaceValue);
+    const position = qf$find(S, P, 0);
+    return position === -1 ? S : qf$replaceAt(S, P, [position], template);
+  });
+
+  wrap(SP, 'replaceAll', (native) => function qf$replaceAll(searchValue, replaceValue) {
+    qf$checkClock();
+    if (this === null || this === undefined) return apply(native, this, []);
+    if (isObject(searchValue)) {
+      if (qf$isRegExp(searchValue)) {
+        const flags = searchValue.flags;
+        if (flags === undefined || flags === null || apply(nIndexOf, toStr(flags), ['g']) < 0) {
+          throw new TypeError('replaceAll must be called with a global RegExp');
+        }
+      }
+      const replacer = qf$method(searchValue, Symbol.replace);
+      if (replacer !== undefined) return apply(replacer, searchValue, [this, replaceValue]);
+    }
+    const S = toStr(this), P = toStr(searchValue);
+    if (!heavy(S.length, P.length)) return apply(native, S, [P, replaceValue]);
+    const template = typeof replaceValue === 'function' ? replaceValue : toStr(replaceValue);
+    const positions = [];
+    for (let p = qf$find(S, P, 0); p !== -1; p = qf$find(S, P, p + P.length)) positions.push(p);
+    return qf$replaceAt(S, P, positions, template);
+  });
+
   // --- freeze intrinsics -----------------------------------------------------------------
   const overridable = new Set(['constructor', 'name', 'message', 'toString', 'toLocaleString', 'valueOf', 'toJSON', 'cause', 'stack']);
   const tameOverride = (obj, key) => {
@@ -169,5 +402,14 @@
   // Defined after the walk, which would make it permanent.
   defineProperty(g, '__quickflow_resolvers', {
     value: Function.prototype.call.bind(withResolvers, RealPromise), configurable: true,
+  });
+  // For the prelude too: called as each slice starts, with the wall time after which the
+  // wrapped built-ins stop the slice (0: never, while a slice is replayed).
+  defineProperty(g, '__quickflow_slice_clock', {
+    value: function qf$sliceClock(wallMs) {
+      sliceWallMs = wallMs > 0 ? wallMs : Infinity;
+      sliceEnds = realNow() + sliceWallMs;
+    },
+    configurable: true,
   });
 })();

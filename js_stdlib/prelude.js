@@ -19,6 +19,8 @@
   const parse = JSON.parse;
   const qf$resolvers = g.__quickflow_resolvers; // see hardening.js
   delete g.__quickflow_resolvers;
+  const qf$sliceClock = g.__quickflow_slice_clock; // see hardening.js
+  delete g.__quickflow_slice_clock;
 
   // --- error classes -----------------------------------------------------------------------
   class WorkflowAgentCapError extends Error {
@@ -483,6 +485,7 @@
   function settle(json) {
     let listeners = null;
     const batch = parse(json);
+    qf$sliceClock(batch.wallMs);
     qf$syncState(batch.state);
     for (const [id, ok, value] of batch.results || []) {
       const timer = timers.get(id);
@@ -522,6 +525,7 @@
 
   function start(main, configJson) {
     const config = parse(configJson);
+    qf$sliceClock(config.wallMs);
     state.maxAgents = config.maxAgents;
     state.maxItems = config.maxItems;
     state.maxLogLines = config.maxLogLines;

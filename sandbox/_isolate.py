@@ -107,6 +107,9 @@ _PRELUDE_FRAMES = frozenset(
         "take", "settle", "start", "info", "debug", "warn", "error", "spent", "remaining",
         "Date", "now", "random", "Function", "WorkflowAgentCapError", "WorkflowBudgetExceededError",
         "StructuredOutputError", "clockError", "Promise",
+        # built-ins wrapped by hardening.js
+        "join", "toLocaleString", "reverse", "sort", "shift", "unshift", "slice", "splice", "copyWithin",
+        "flat", "flatMap", "concat", "indexOf", "includes", "lastIndexOf", "split", "replace", "replaceAll",
     }
 )
 
@@ -161,10 +164,10 @@ def spare_isolates_wanted() -> int:
     return _SPARES.wanted()
 
 
-def _settlement(results: Sequence[tuple[int, bool, Any]], state: Mapping[str, Any]) -> str:
+def _settlement(results: Sequence[tuple[int, bool, Any]], state: Mapping[str, Any], wall_ms: float) -> str:
     # orjson encodes several times faster than the json module, on the slice thread under the
     # GIL. It refuses integers past 64 bits and lone surrogates: those take the slow road.
-    batch = {"results": results, "state": state}
+    batch = {"results": results, "state": state, "wallMs": wall_ms}
     try:
         return orjson.dumps(batch).decode()
     except TypeError:
@@ -237,6 +240,10 @@ REPLAY_SLICE_S = 10.0  # the time limit of one replayed slice (see _rehydrate)
 # Honest slices end well before: the engine's limit counts the CPU time of the whole process.
 OVERRUN_FACTOR = 3.0
 OVERRUN_GRACE_S = 2.0
+# The built-ins the engine cannot interrupt stop a slice once it has run this many times its
+# limit of wall time (hardening.js): between the engine's limit, which counts the CPU time of
+# the whole process, and the pool's deadline.
+SLICE_WALL_FACTOR = 2.0
 
 
 class _ReplayDiverged(Exception):
@@ -288,7 +295,7 @@ class Isolate:
         state = dict(state)
         if self._replayable():
             self._history.append((results, state))
-        batch = _settlement(results, state)
+        batch = _settlement(results, state, self._wall_ms)
         return self._slice(lambda: self._settle(batch))
 
     @property
@@ -343,6 +350,11 @@ class Isolate:
             return int(self._ctx.memory()["memory_used_size"])
 
     @property
+    def _wall_ms(self) -> float:
+        """The wall time after which the wrapped built-ins stop a slice (hardening.js)."""
+        return self.limits.slice_cpu_s * SLICE_WALL_FACTOR * 1000
+
+    @property
     def overrun_after_s(self) -> float:
         """The wall time after which the next slice counts as stuck (see ``SlicePool``)."""
         cpu_s = self.limits.slice_cpu_s + (MAX_REPLAY_CPU_S if self._evicted else 0.0)
@@ -393,7 +405,7 @@ class Isolate:
             self._drain(time.perf_counter(), limit)
             self._check_replay(0)
             for step, (results, state) in enumerate(self._history[:-1], start=1):
-                self._settle(_settlement(results, state))
+                self._settle(_settlement(results, state, 0))
                 self._drain(time.perf_counter(), limit)
                 self._check_replay(step)
             assert self._ctx is not None
@@ -423,7 +435,10 @@ class Isolate:
         ctx.set_time_limit(time_limit or self.limits.slice_cpu_s)
         self._ctx = ctx
         main = ctx.eval(wrap_body(body))
-        self._start(main, json.dumps(dict(config), separators=(",", ":")))
+        # A replay (time_limit) runs without the built-ins' wall clock: a slice that once ended in
+        # time must replay the same way on a busy machine.
+        wall_ms = 0 if time_limit else self._wall_ms
+        self._start(main, json.dumps(dict(config, wallMs=wall_ms), separators=(",", ":")))
 
     def _slice(self, step: Any) -> Slice:
         if self._finished:
