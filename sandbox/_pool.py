@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 __all__ = ["SliceOverrun", "SlicePool", "SlicePoolStatistics"]
 
@@ -132,6 +133,9 @@ class SlicePool:
         runs one slice at a time. With ``overrun_after_s``, a slice still running that many
         seconds after it started is abandoned and :class:`SliceOverrun` raised."""
         self._total += 1
+        # A turn first, as anyio.to_thread gives: every run that asks for a slice in this turn
+        # is in the queue before any waits in it (runtime.script evicts only while none wait).
+        await anyio.lowlevel.checkpoint()
         async with self._limiter:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[T] = loop.create_future()

@@ -169,3 +169,22 @@ async def test_no_slice_is_stranded_while_idle_threads_come_and_go(monkeypatch: 
                 await anyio.sleep(rng.random() * 0.003)
     stats = pool.statistics()
     assert done == stats.slices_total and stats.overruns_total == 0
+
+
+@pytest.mark.anyio
+async def test_runs_asking_in_one_turn_all_see_no_queue() -> None:
+    # A waiting script evicts its isolate only while no slice waits for the pool
+    # (runtime.script): when 500 parked scripts all reach that point in one turn, each must see
+    # the queue as it was before any of them joined it, or all but a few put eviction off.
+    pool = SlicePool(workers=1)
+    seen: list[int] = []
+
+    async def evict_like() -> None:
+        seen.append(pool.statistics().waiting)
+        await pool.run(lambda: None)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(evict_like)
+    assert seen == [0] * 5
