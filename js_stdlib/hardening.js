@@ -125,52 +125,75 @@
   const qf$checkClock = function qf$checkClock() {
     if (realNow() > sliceEnds) for (;;) {}
   };
+  // Reading the clock costs about as much as a short call: long calls read it once they have
+  // covered CLOCK_BUDGET elements or characters between them.
+  let covered = 0;
+  const qf$cover = function qf$cover(n) {
+    covered += n;
+    if (covered > CLOCK_BUDGET) {
+      covered = 0;
+      qf$checkClock();
+    }
+  };
   const apply = Reflect.apply;
   const mathMin = Math.min, mathMax = Math.max, mathTrunc = Math.trunc;
-  const toStr = function qf$toString(v) { return `${v}`; }; // ToString: throws for symbols, as the built-ins do
+  // ToString: throws for symbols, as the built-ins do; a template literal copies its string.
+  const toStr = function qf$toString(v) { return typeof v === 'string' ? v : `${v}`; };
   const isObject = (v) => v !== null && (typeof v === 'object' || typeof v === 'function');
-  const objectToString = Object.prototype.toString;
+  const regExpSource = getOwnPropertyDescriptor(RegExp.prototype, 'source').get; // throws unless a RegExp
   const MAX_ARRAY_WORK = 2 ** 25;
+  const SEARCH_SHORT = 32; // patterns this long or shorter: the native search, at most 32 × n comparisons
   const SEARCH_WORK = 2 ** 22;
   const SEARCH_HEAD = 256;
+  const CLOCK_FROM = 4096; // calls on shorter strings and arrays are cheap: the engine's own polls stop their loops
+  const CLOCK_BUDGET = 2 ** 24;
 
+  // A wrapper is a method (no prototype, not a constructor) named qf$<name>, so that failure
+  // positions skip its frames as they skip the prelude's.
   const wrap = (proto, name, body) => {
     const native = proto[name];
-    const wrapper = body(native);
-    defineProperty(wrapper, 'name', { value: name });
+    const wrapper = body(native, Function.prototype.call.bind(native));
     defineProperty(wrapper, 'length', { value: native.length });
     defineProperty(proto, name, { value: wrapper, writable: true, enumerable: false, configurable: true });
   };
 
-  const qf$arrayWork = function qf$arrayWork(name, o) {
-    if (!isObject(o)) return;
-    const length = +o.length;
-    if (length > MAX_ARRAY_WORK) {
-      throw new RangeError(`Array.prototype.${name}() of a length of ${length}: at most ${MAX_ARRAY_WORK} elements ` +
-        'in one call in a workflow script (a sparse array or an array-like?)');
+  // The elements an array method walks: the length of its receiver (for concat, of everything
+  // it spreads), read once more than the method itself reads it.
+  const qf$spread = function qf$spread(item) {
+    if (!isObject(item)) return 0;
+    const spreadable = item[Symbol.isConcatSpreadable];
+    return (spreadable !== undefined ? spreadable : Array.isArray(item)) ? +item.length : 0;
+  };
+  const qf$arrayWork = function qf$arrayWork(name, receiver, args) {
+    let work;
+    if (name === 'concat') {
+      work = qf$spread(receiver);
+      for (let i = 0; i < args.length; i++) work += qf$spread(args[i]);
+    } else {
+      work = isObject(receiver) ? +receiver.length : 0;
     }
+    if (work > MAX_ARRAY_WORK) {
+      throw new RangeError(`Array.prototype.${name}() over ${work} elements: at most ${MAX_ARRAY_WORK} in one call ` +
+        'in a workflow script (a sparse array or an array-like?)');
+    }
+    if (work > CLOCK_FROM) qf$cover(work);
   };
   for (const name of ['join', 'toLocaleString', 'reverse', 'sort', 'shift', 'unshift', 'slice', 'splice',
     'copyWithin', 'flat', 'flatMap', 'concat']) {
     wrap(Array.prototype, name, (native) => ({
-      [`qf$${name}`](...args) {
-        qf$checkClock();
-        qf$arrayWork(name, this);
-        if (name === 'concat') {
-          for (const arg of args) {
-            if (!isObject(arg)) continue;
-            const spreadable = arg[Symbol.isConcatSpreadable];
-            if (spreadable !== undefined ? spreadable : Array.isArray(arg)) qf$arrayWork(name, arg);
-          }
+      [`qf$${name}`]() {
+        // sort checks its comparator before it reads anything
+        if (name !== 'sort' || arguments[0] === undefined || typeof arguments[0] === 'function') {
+          qf$arrayWork(name, this, arguments);
         }
-        return apply(native, this, args);
+        return apply(native, this, arguments);
       },
     })[`qf$${name}`]);
   }
 
   const SP = String.prototype;
   const nIndexOf = SP.indexOf, nLastIndexOf = SP.lastIndexOf, nSlice = SP.slice, nStartsWith = SP.startsWith;
-  const heavy = (n, m) => m > 1 && (n - m + 1) * m > SEARCH_WORK;
+  const heavy = (n, m) => m > SEARCH_SHORT && (n - m + 1) * m > SEARCH_WORK;
   const toInteger = function qf$toInteger(v) { const x = +v; return x !== x ? 0 : mathTrunc(x); }; // ToIntegerOrInfinity
 
   // The first index ≥ from where P occurs in S, or -1. The first SEARCH_HEAD characters of P
@@ -241,43 +264,68 @@
     if (!isObject(value)) return false;
     const matcher = value[Symbol.match];
     if (matcher !== undefined) return !!matcher;
-    return apply(objectToString, value, []) === '[object RegExp]';
+    try {
+      apply(regExpSource, value, []);
+      return true;
+    } catch (err) {
+      return false;
+    }
   }
 
-  wrap(SP, 'indexOf', (native) => function qf$indexOf(searchString, position) {
-    qf$checkClock();
+  wrap(SP, 'indexOf', (native, callNative) => ({ qf$indexOf(searchString, position) {
+    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
+    if (typeof this === 'string' && typeof searchString === 'string' && searchString.length <= SEARCH_SHORT) {
+      if (this.length > CLOCK_FROM) qf$cover(this.length);
+      return callNative(this, searchString, position);
+    }
     if (this === null || this === undefined) return apply(native, this, []);
     const S = toStr(this), P = toStr(searchString);
+    if (S.length > CLOCK_FROM) qf$cover(S.length);
     if (!heavy(S.length, P.length)) return apply(native, S, [P, position]);
     return qf$find(S, P, mathMin(mathMax(toInteger(position), 0), S.length));
-  });
+  } }).qf$indexOf);
 
-  wrap(SP, 'includes', (native) => function qf$includes(searchString, position) {
-    qf$checkClock();
+  wrap(SP, 'includes', (native, callNative) => ({ qf$includes(searchString, position) {
+    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
+    if (typeof this === 'string' && typeof searchString === 'string' && searchString.length <= SEARCH_SHORT) {
+      if (this.length > CLOCK_FROM) qf$cover(this.length);
+      return callNative(this, searchString, position);
+    }
     if (this === null || this === undefined) return apply(native, this, []);
     const S = toStr(this);
+    if (S.length > CLOCK_FROM) qf$cover(S.length);
     if (qf$isRegExp(searchString)) throw new TypeError('First argument to String.prototype.includes must not be a regular expression');
     const P = toStr(searchString);
     if (!heavy(S.length, P.length)) return apply(native, S, [P, position]);
     return qf$find(S, P, mathMin(mathMax(toInteger(position), 0), S.length)) !== -1;
-  });
+  } }).qf$includes);
 
-  wrap(SP, 'lastIndexOf', (native) => function qf$lastIndexOf(searchString, position) {
-    qf$checkClock();
+  wrap(SP, 'lastIndexOf', (native, callNative) => ({ qf$lastIndexOf(searchString, position) {
+    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
+    if (typeof this === 'string' && typeof searchString === 'string' && searchString.length <= SEARCH_SHORT) {
+      if (this.length > CLOCK_FROM) qf$cover(this.length);
+      return callNative(this, searchString, position);
+    }
     if (this === null || this === undefined) return apply(native, this, []);
     const S = toStr(this), P = toStr(searchString);
+    if (S.length > CLOCK_FROM) qf$cover(S.length);
     if (!heavy(S.length, P.length)) return apply(native, S, [P, position]);
     const x = +position;
     const start = x !== x ? Infinity : mathTrunc(x);
     return qf$findLast(S, P, mathMin(mathMax(start, 0), S.length));
-  });
+  } }).qf$lastIndexOf);
 
-  wrap(SP, 'split', (native) => function qf$split(separator, limit) {
-    qf$checkClock();
+  wrap(SP, 'split', (native, callNative) => ({ qf$split(separator, limit) {
+    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
+    if (typeof this === 'string' && typeof separator === 'string' && separator.length <= SEARCH_SHORT) {
+      if (this.length > CLOCK_FROM) qf$cover(this.length);
+      return callNative(this, separator, limit);
+    }
     if (this === null || this === undefined) return apply(native, this, []);
     const splitter = qf$method(separator, Symbol.split);
     if (splitter !== undefined) return apply(splitter, separator, [this, limit]);
     const S = toStr(this);
+    if (S.length > CLOCK_FROM) qf$cover(S.length);
     const lim = limit === undefined ? 2 ** 32 - 1 : limit >>> 0;
     const R = toStr(separator);
     if (separator === undefined || lim === 0 || !heavy(S.length, R.length)) {
@@ -292,7 +340,7 @@
     }
     parts.push(apply(nSlice, S, [i]));
     return parts;
-  });
+  } }).qf$split);
 
   const qf$replaceAt = (S, P, positions, replaceValue) => {
     let out = '';
@@ -306,20 +354,29 @@
     return out + apply(nSlice, S, [end]);
   };
 
-  wrap(SP, 'replace', (native) => function qf$replace(searchValue, replaceValue) {
-    qf$checkClock();
+  wrap(SP, 'replace', (native, callNative) => ({ qf$replace(searchValue, replaceValue) {
+    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
+    if (typeof this === 'string' && typeof searchValue === 'string' && searchValue.length <= SEARCH_SHORT) {
+      if (this.length > CLOCK_FROM) qf$cover(this.length);
+      return callNative(this, searchValue, replaceValue);
+    }
     if (this === null || this === undefined) return apply(native, this, []);
     const replacer = qf$method(searchValue, Symbol.replace);
     if (replacer !== undefined) return apply(replacer, searchValue, [this, replaceValue]);
     const S = toStr(this), P = toStr(searchValue);
+    if (S.length > CLOCK_FROM) qf$cover(S.length);
     if (!heavy(S.length, P.length)) return apply(native, S, [P, replaceValue]);
     const template = typeof replaceValue === 'function' ? replaceValue : toStr(replaceValue);
     const position = qf$find(S, P, 0);
     return position === -1 ? S : qf$replaceAt(S, P, [position], template);
-  });
+  } }).qf$replace);
 
-  wrap(SP, 'replaceAll', (native) => function qf$replaceAll(searchValue, replaceValue) {
-    qf$checkClock();
+  wrap(SP, 'replaceAll', (native, callNative) => ({ qf$replaceAll(searchValue, replaceValue) {
+    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
+    if (typeof this === 'string' && typeof searchValue === 'string' && searchValue.length <= SEARCH_SHORT) {
+      if (this.length > CLOCK_FROM) qf$cover(this.length);
+      return callNative(this, searchValue, replaceValue);
+    }
     if (this === null || this === undefined) return apply(native, this, []);
     if (isObject(searchValue)) {
       if (qf$isRegExp(searchValue)) {
@@ -332,12 +389,13 @@
       if (replacer !== undefined) return apply(replacer, searchValue, [this, replaceValue]);
     }
     const S = toStr(this), P = toStr(searchValue);
+    if (S.length > CLOCK_FROM) qf$cover(S.length);
     if (!heavy(S.length, P.length)) return apply(native, S, [P, replaceValue]);
     const template = typeof replaceValue === 'function' ? replaceValue : toStr(replaceValue);
     const positions = [];
     for (let p = qf$find(S, P, 0); p !== -1; p = qf$find(S, P, p + P.length)) positions.push(p);
     return qf$replaceAt(S, P, positions, template);
-  });
+  } }).qf$replaceAll);
 
   // --- freeze intrinsics -----------------------------------------------------------------
   const overridable = new Set(['constructor', 'name', 'message', 'toString', 'toLocaleString', 'valueOf', 'toJSON', 'cause', 'stack']);

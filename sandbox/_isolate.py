@@ -107,9 +107,6 @@ _PRELUDE_FRAMES = frozenset(
         "take", "settle", "start", "info", "debug", "warn", "error", "spent", "remaining",
         "Date", "now", "random", "Function", "WorkflowAgentCapError", "WorkflowBudgetExceededError",
         "StructuredOutputError", "clockError", "Promise",
-        # built-ins wrapped by hardening.js
-        "join", "toLocaleString", "reverse", "sort", "shift", "unshift", "slice", "splice", "copyWithin",
-        "flat", "flatMap", "concat", "indexOf", "includes", "lastIndexOf", "split", "replace", "replaceAll",
     }
 )
 
