@@ -192,6 +192,20 @@
   }
 
   const SP = String.prototype;
+  // A search: the common case, a string searched for a short string, goes straight to the
+  // built-in; the rest to `general`, which converts the arguments and bounds the work.
+  const wrapSearch = (name, general) => wrap(SP, name, (native, callNative) => {
+    const slow = general(native);
+    return ({
+      [`qf$${name}`](pattern, extra) {
+        if (typeof this === 'string' && typeof pattern === 'string' && pattern.length <= SEARCH_SHORT) {
+          if (this.length > CLOCK_FROM) qf$cover(this.length);
+          return callNative(this, pattern, extra);
+        }
+        return apply(slow, this, [pattern, extra]);
+      },
+    })[`qf$${name}`];
+  });
   const nIndexOf = SP.indexOf, nLastIndexOf = SP.lastIndexOf, nSlice = SP.slice, nStartsWith = SP.startsWith;
   const heavy = (n, m) => m > SEARCH_SHORT && (n - m + 1) * m > SEARCH_WORK;
   const toInteger = function qf$toInteger(v) { const x = +v; return x !== x ? 0 : mathTrunc(x); }; // ToIntegerOrInfinity
@@ -272,12 +286,7 @@
     }
   }
 
-  wrap(SP, 'indexOf', (native, callNative) => ({ qf$indexOf(searchString, position) {
-    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
-    if (typeof this === 'string' && typeof searchString === 'string' && searchString.length <= SEARCH_SHORT) {
-      if (this.length > CLOCK_FROM) qf$cover(this.length);
-      return callNative(this, searchString, position);
-    }
+  wrapSearch('indexOf', (native) => ({ qf$indexOf(searchString, position) {
     if (this === null || this === undefined) return apply(native, this, []);
     const S = toStr(this), P = toStr(searchString);
     if (S.length > CLOCK_FROM) qf$cover(S.length);
@@ -285,12 +294,7 @@
     return qf$find(S, P, mathMin(mathMax(toInteger(position), 0), S.length));
   } }).qf$indexOf);
 
-  wrap(SP, 'includes', (native, callNative) => ({ qf$includes(searchString, position) {
-    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
-    if (typeof this === 'string' && typeof searchString === 'string' && searchString.length <= SEARCH_SHORT) {
-      if (this.length > CLOCK_FROM) qf$cover(this.length);
-      return callNative(this, searchString, position);
-    }
+  wrapSearch('includes', (native) => ({ qf$includes(searchString, position) {
     if (this === null || this === undefined) return apply(native, this, []);
     const S = toStr(this);
     if (S.length > CLOCK_FROM) qf$cover(S.length);
@@ -300,12 +304,7 @@
     return qf$find(S, P, mathMin(mathMax(toInteger(position), 0), S.length)) !== -1;
   } }).qf$includes);
 
-  wrap(SP, 'lastIndexOf', (native, callNative) => ({ qf$lastIndexOf(searchString, position) {
-    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
-    if (typeof this === 'string' && typeof searchString === 'string' && searchString.length <= SEARCH_SHORT) {
-      if (this.length > CLOCK_FROM) qf$cover(this.length);
-      return callNative(this, searchString, position);
-    }
+  wrapSearch('lastIndexOf', (native) => ({ qf$lastIndexOf(searchString, position) {
     if (this === null || this === undefined) return apply(native, this, []);
     const S = toStr(this), P = toStr(searchString);
     if (S.length > CLOCK_FROM) qf$cover(S.length);
@@ -315,12 +314,7 @@
     return qf$findLast(S, P, mathMin(mathMax(start, 0), S.length));
   } }).qf$lastIndexOf);
 
-  wrap(SP, 'split', (native, callNative) => ({ qf$split(separator, limit) {
-    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
-    if (typeof this === 'string' && typeof separator === 'string' && separator.length <= SEARCH_SHORT) {
-      if (this.length > CLOCK_FROM) qf$cover(this.length);
-      return callNative(this, separator, limit);
-    }
+  wrapSearch('split', (native) => ({ qf$split(separator, limit) {
     if (this === null || this === undefined) return apply(native, this, []);
     const splitter = qf$method(separator, Symbol.split);
     if (splitter !== undefined) return apply(splitter, separator, [this, limit]);
@@ -354,29 +348,26 @@
     return out + apply(nSlice, S, [end]);
   };
 
-  wrap(SP, 'replace', (native, callNative) => ({ qf$replace(searchValue, replaceValue) {
-    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
-    if (typeof this === 'string' && typeof searchValue === 'string' && searchValue.length <= SEARCH_SHORT) {
-      if (this.length > CLOCK_FROM) qf$cover(this.length);
-      return callNative(this, searchValue, replaceValue);
-    }
-    if (this === null || this === undefined) return apply(native, this, []);
-    const replacer = qf$method(searchValue, Symbol.replace);
-    if (replacer !== undefined) return apply(replacer, searchValue, [this, replaceValue]);
-    const S = toStr(this), P = toStr(searchValue);
+  // replace and replaceAll once the search value is a string: the built-in when the search is
+  // cheap, else the first match or all of them, found in windows.
+  function qf$replaceString(native, receiver, searchValue, replaceValue, all) {
+    const S = toStr(receiver), P = toStr(searchValue);
     if (S.length > CLOCK_FROM) qf$cover(S.length);
     if (!heavy(S.length, P.length)) return apply(native, S, [P, replaceValue]);
     const template = typeof replaceValue === 'function' ? replaceValue : toStr(replaceValue);
-    const position = qf$find(S, P, 0);
-    return position === -1 ? S : qf$replaceAt(S, P, [position], template);
+    const positions = [];
+    for (let p = qf$find(S, P, 0); p !== -1; p = all ? qf$find(S, P, p + P.length) : -1) positions.push(p);
+    return qf$replaceAt(S, P, positions, template);
+  }
+
+  wrapSearch('replace', (native) => ({ qf$replace(searchValue, replaceValue) {
+    if (this === null || this === undefined) return apply(native, this, []);
+    const replacer = qf$method(searchValue, Symbol.replace);
+    if (replacer !== undefined) return apply(replacer, searchValue, [this, replaceValue]);
+    return qf$replaceString(native, this, searchValue, replaceValue, false);
   } }).qf$replace);
 
-  wrap(SP, 'replaceAll', (native, callNative) => ({ qf$replaceAll(searchValue, replaceValue) {
-    // the common case, a short string pattern: the built-in's own answer, as fast as it can be
-    if (typeof this === 'string' && typeof searchValue === 'string' && searchValue.length <= SEARCH_SHORT) {
-      if (this.length > CLOCK_FROM) qf$cover(this.length);
-      return callNative(this, searchValue, replaceValue);
-    }
+  wrapSearch('replaceAll', (native) => ({ qf$replaceAll(searchValue, replaceValue) {
     if (this === null || this === undefined) return apply(native, this, []);
     if (isObject(searchValue)) {
       if (qf$isRegExp(searchValue)) {
@@ -388,13 +379,7 @@
       const replacer = qf$method(searchValue, Symbol.replace);
       if (replacer !== undefined) return apply(replacer, searchValue, [this, replaceValue]);
     }
-    const S = toStr(this), P = toStr(searchValue);
-    if (S.length > CLOCK_FROM) qf$cover(S.length);
-    if (!heavy(S.length, P.length)) return apply(native, S, [P, replaceValue]);
-    const template = typeof replaceValue === 'function' ? replaceValue : toStr(replaceValue);
-    const positions = [];
-    for (let p = qf$find(S, P, 0); p !== -1; p = qf$find(S, P, p + P.length)) positions.push(p);
-    return qf$replaceAt(S, P, positions, template);
+    return qf$replaceString(native, this, searchValue, replaceValue, true);
   } }).qf$replaceAll);
 
   // --- freeze intrinsics -----------------------------------------------------------------
