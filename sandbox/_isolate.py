@@ -363,8 +363,8 @@ class Isolate:
             "limit",
             "cpu_slice",
             f"script ran for more than {seconds:g} s inside a single built-in call, which the slice limit of "
-            f"{self.limits.slice_cpu_s:g} s cannot interrupt (join() or sort() of a huge or sparse array, or a "
-            "search in a huge string?); long computations belong in agents, not in the script",
+            f"{self.limits.slice_cpu_s:g} s cannot interrupt (a search through a huge string, flat() of deeply "
+            "nested arrays?); long computations belong in agents, not in the script",
         )
 
     def close(self) -> None:
