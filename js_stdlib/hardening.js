@@ -112,15 +112,14 @@
   // of an array-like whose length says four billion, a quadratic string search), and a loop of
   // slow calls runs thousands of them before the next poll. The built-ins that can do either
   // are wrapped, and give the built-ins' own results:
-  // - each call first reads the slice's wall clock, and once the slice has run twice its limit
-  //   it spins, so that the engine's next poll stops the script (__quickflow_slice_clock);
+  // - long calls read the slice's wall clock (qf$cover), and once the slice has run twice its
+  //   limit they spin, so that the engine's next poll stops the script (__quickflow_slice_clock);
   // - an array method refuses a length above MAX_ARRAY_WORK: no array that fits the heap
   //   gets near it, only sparse arrays and array-likes;
   // - a string search whose worst case is above SEARCH_WORK comparisons runs in windows, and
   //   reads the clock between them.
   // What still overruns is abandoned by the pool (sandbox/_pool.py).
   const realNow = RealDate.now;
-  let sliceWallMs = Infinity;
   let sliceEnds = Infinity;
   const qf$checkClock = function qf$checkClock() {
     if (realNow() > sliceEnds) for (;;) {}
@@ -152,7 +151,7 @@
   // positions skip its frames as they skip the prelude's.
   const wrap = (proto, name, body) => {
     const native = proto[name];
-    const wrapper = body(native, Function.prototype.call.bind(native));
+    const wrapper = body(native);
     defineProperty(wrapper, 'length', { value: native.length });
     defineProperty(proto, name, { value: wrapper, writable: true, enumerable: false, configurable: true });
   };
@@ -194,7 +193,8 @@
   const SP = String.prototype;
   // A search: the common case, a string searched for a short string, goes straight to the
   // built-in; the rest to `general`, which converts the arguments and bounds the work.
-  const wrapSearch = (name, general) => wrap(SP, name, (native, callNative) => {
+  const wrapSearch = (name, general) => wrap(SP, name, (native) => {
+    const callNative = Function.prototype.call.bind(native);
     const slow = general(native);
     return ({
       [`qf$${name}`](pattern, extra) {
@@ -450,8 +450,7 @@
   // wrapped built-ins stop the slice (0: never, while a slice is replayed).
   defineProperty(g, '__quickflow_slice_clock', {
     value: function qf$sliceClock(wallMs) {
-      sliceWallMs = wallMs > 0 ? wallMs : Infinity;
-      sliceEnds = realNow() + sliceWallMs;
+      sliceEnds = wallMs > 0 ? realNow() + wallMs : Infinity;
     },
     configurable: true,
   });

@@ -164,7 +164,7 @@ HUGE = [
 def test_array_methods_refuse_lengths_no_heap_holds(expression: str) -> None:
     context = hardened()
     context.set_time_limit(5)  # the engine would not stop these: they would run for minutes
-    outcome = json.loads(context.eval(f"({CASE})('', '', undefined, () => {expression})"))
+    outcome = run_case(context, f"() => {expression}", "'', ''", "undefined")
     assert outcome == {"error": "RangeError", "log": []}
 
 
