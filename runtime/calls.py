@@ -69,15 +69,18 @@ class LiveCall:
     # Queue order on the run's queue: later pipeline stages first, then lower item indices.
     priority: tuple[int, ...] = ()
     # Started by a pipeline stage with a stage after it, for one of the pipeline's first items:
-    # its worker may keep the slot for the item's next stage (see Run._worker).
+    # its worker may keep the slot for the item's next stage (see Workers._worker).
     holds_slot: bool = False
+    # (stage, item) when a pipeline stage started the call: a worker holding its slot for that
+    # item's next stage is handed that call directly (see Workers.push).
+    stage_of: tuple[int, int] | None = None
     schema: Any = None
     cached_source: CallRecord | None = None  # served from the resume source, not executed
     deliver: Callable[[bool, Any], None] | None = None
-    # Called right after ``deliver``: an event set once the script has run the slice that saw
-    # this result and queued what it asked for.
-    handled: Callable[[], anyio.Event] | None = None
-    handled_event: anyio.Event | None = None
+    # Called right after ``deliver``: a future resolved once the script has run the slice that
+    # saw this result and queued what it asked for.
+    handled: Callable[[], asyncio.Future[None]] | None = None
+    handled_event: asyncio.Future[None] | None = None
     delivered: bool = False  # the script has been handed the result (or never will be)
     on_delivered: asyncio.Future[None] | None = None  # resolved then, for a worker that waits for it
     stop_requested: bool = False

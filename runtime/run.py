@@ -15,6 +15,7 @@ to the script.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -377,12 +378,12 @@ class Run:
         payload: dict[str, Any],
         *,
         deliver: Callable[[bool, Any], None],
-        handled: Callable[[], anyio.Event] | None = None,
+        handled: Callable[[], asyncio.Future[None]] | None = None,
         group: str | None = None,
     ) -> None:
         """Take one ``agent()`` request. ``deliver(ok, value)`` is called once with the output (or
-        null) or the error for JS; ``handled()``, called right after a delivery, is an event set
-        once the script has handled it.
+        null) or the error for JS; ``handled()``, called right after a delivery, is a future
+        resolved once the script has handled it.
 
         Validation, journal lookups and queueing happen here, synchronously; execution happens
         on the run's workers (at most ``concurrency``), most urgent call first.
@@ -419,7 +420,9 @@ class Run:
         self.calls[index] = call
         call.deliver, call.handled, call.schema = deliver, handled, schema
         hint = pipeline_hint(payload.get("priority"))
-        call.holds_slot = holds_slot(hint, self.options.concurrency)
+        if hint is not None:
+            call.stage_of = hint[0], hint[1]
+            call.holds_slot = holds_slot(hint, self.options.concurrency)
         call.priority = queue_priority(hint, index)
         if recovered is not None:
             deliver(True, self._serve_recovered(call, recovered))

@@ -17,6 +17,7 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -69,7 +70,8 @@ def holds_slot(hint: tuple[int, int, int] | None, concurrency: int) -> bool:
 
     Holding costs the slot a commit and a slice per stage. For the first items it buys what
     streaming is for, a first result after about one pass through the stages; for later items
-    it would only idle slots, while those items keep their priority in the queue anyway.
+    it would only idle slots. The item's next stage is handed to the worker that holds for it
+    (``Workers.push``), not queued.
     """
     return hint is not None and hint[0] + 1 < hint[2] and hint[1] < concurrency
 
@@ -165,6 +167,9 @@ class Workers:
         # Workers inside a call or holding their slot after one, as opposed to free to take one.
         self._busy = 0
         self._parked: list[asyncio.Future[None]] = []  # idle workers, waiting for the queue to fill
+        # Workers keeping their slot for a pipeline item's next stage: item -> (that stage, a
+        # future resolved with its call, or with None once the script has handled the result).
+        self._holders: dict[int, tuple[int, asyncio.Future[LiveCall | None]]] = {}
         # Calls executed whose journal entry is not yet durable, and workers waiting for fewer.
         self._unjournaled = 0
         self._journal_room: list[asyncio.Future[None]] = []
@@ -172,6 +177,13 @@ class Workers:
         self._unpaused.set()
 
     def push(self, call: LiveCall) -> None:
+        if self._holders and call.stage_of is not None:
+            stage, item = call.stage_of
+            holder = self._holders.get(item)
+            if holder is not None and holder[0] == stage and not holder[1].done():
+                del self._holders[item]
+                holder[1].set_result(call)  # the item's next stage, for the slot kept for it
+                return
         heapq.heappush(self.queue, (call.priority, call))
         self.start()
 
@@ -219,8 +231,9 @@ class Workers:
         """Serve queued calls until the queue is empty, then park until it fills again."""
         try:
             yielded = time.monotonic()
+            kept: LiveCall | None = None  # the next stage of the item this worker kept its slot for
             while True:
-                if not self.queue:
+                if kept is None and not self.queue:
                     # Park until the script asks for more (the run's end cancels this): a zero-
                     # latency burst would otherwise start and end a task per few calls.
                     await _wait_in(self._parked)
@@ -234,7 +247,10 @@ class Workers:
                     await _wait_in(self._journal_room)
                     yielded = time.monotonic()
                     continue
-                _, call = heapq.heappop(self.queue)
+                if kept is not None:
+                    call, kept = kept, None
+                else:
+                    _, call = heapq.heappop(self.queue)
                 if call.stop_requested:
                     continue  # stopped while queued: the run settles it
                 self._busy += 1
@@ -251,9 +267,7 @@ class Workers:
                         # slice) is then small beside it, while after near-instant calls it would
                         # idle the slot.
                         await _delivered(call)
-                        if call.handled_event is not None:
-                            await call.handled_event.wait()
-                            call.handled_event = None
+                        kept = await self._next_stage(call)
                         yielded = time.monotonic()
                 finally:
                     self._busy -= 1
@@ -263,6 +277,34 @@ class Workers:
                     yielded = time.monotonic()
         finally:
             self._workers -= 1
+
+
+    async def _next_stage(self, call: LiveCall) -> LiveCall | None:
+        """Keep the slot until the script asks for the next stage of ``call``'s item: that call,
+        handed over by ``push``, or None once the script has handled the result without asking
+        (the item failed or ended), or had already handled it (the call is queued then).
+
+        Handed over, not queued: another worker that holds for its own item would otherwise
+        take this call from the queue, and this slot then goes to an item further behind while
+        the other item's next stage waits for a free slot, a whole call later.
+        """
+        handled, call.handled_event = call.handled_event, None
+        if handled is None or handled.done() or call.stage_of is None:
+            return None
+        stage, item = call.stage_of
+        kept: asyncio.Future[LiveCall | None] = asyncio.get_running_loop().create_future()
+        self._holders[item] = (stage + 1, kept)
+        handled.add_done_callback(partial(_release, kept))
+        try:
+            return await kept
+        finally:
+            if self._holders.get(item, (0, None))[1] is kept:
+                del self._holders[item]
+
+
+def _release(kept: asyncio.Future[LiveCall | None], _: object) -> None:
+    if not kept.done():
+        kept.set_result(None)
 
 
 async def _wait_in(waiters: list[asyncio.Future[None]]) -> None:

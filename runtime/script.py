@@ -13,6 +13,7 @@ never awaited are cancelled when the script ends.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import math
@@ -77,8 +78,8 @@ class ScriptDriver:
         # and a parked run should not pay for a task that waits for nothing.
         self._timers_changed: anyio.Event | None = None
         self._failure: ScriptFailure | None = None
-        # Set once the slice that settles what the inbox holds now has been handled.
-        self._batch_handled: anyio.Event | None = None
+        # Resolved once the slice that settles what the inbox holds now has been handled.
+        self._batch_handled: asyncio.Future[None] | None = None
         self._done = False
         self._tg: TaskGroup | None = None
 
@@ -92,8 +93,7 @@ class ScriptDriver:
             return final
         finally:
             self._done = True
-            if self._batch_handled is not None:
-                self._batch_handled.set()
+            _resolve(self._batch_handled)
             self._isolate.close()
 
     # --- the loop ---------------------------------------------------------------------------
@@ -101,11 +101,10 @@ class ScriptDriver:
     async def _drive(self) -> Slice:
         current = await self._slice(partial(self._isolate.start, self._body, self._config))
         self.run.ctx.isolate_started()
-        handled: anyio.Event | None = None
+        handled: asyncio.Future[None] | None = None
         while True:
             await self._handle(current.requests)
-            if handled is not None:
-                handled.set()
+            _resolve(handled)
             if current.finished:
                 return current
             if self._failure is not None:
@@ -161,13 +160,14 @@ class ScriptDriver:
             else:
                 await changed.wait()
 
-    def delivery_handled(self) -> anyio.Event:
-        """For a result just delivered: an event set once the script has run the slice that
-        settles it and queued what that slice asked for."""
+    def delivery_handled(self) -> asyncio.Future[None]:
+        """For a result just delivered: a future resolved once the script has run the slice that
+        settles it and queued what that slice asked for. A bare future, so that a worker holding
+        its slot can wait for it and for its item's next call at once (see ``Workers``)."""
         if self._batch_handled is None:
-            self._batch_handled = anyio.Event()
+            self._batch_handled = asyncio.get_running_loop().create_future()
             if self._done:
-                self._batch_handled.set()
+                self._batch_handled.set_result(None)
         return self._batch_handled
 
     def _deliver(self, request_id: int, ok: bool, value: Any) -> None:
@@ -244,6 +244,11 @@ class ScriptDriver:
             wait = self._timer_heap[0][0] - now if self._timer_heap else math.inf
             with anyio.move_on_after(wait):
                 await changed.wait()
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
 
 
 def _delay_ms(payload: Any) -> float:

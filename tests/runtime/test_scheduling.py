@@ -1,11 +1,15 @@
-"""The priority limiter: urgent waiters first, FIFO among equals, cancellation never leaks a slot."""
+"""The priority limiter: urgent waiters first, FIFO among equals, cancellation never leaks a slot.
+A run's workers: an item's next pipeline stage goes to the slot kept for it."""
 
 from __future__ import annotations
+
+import asyncio
 
 import anyio
 import pytest
 
-from runtime.scheduling import PriorityLimiter
+from runtime.calls import LiveCall
+from runtime.scheduling import PriorityLimiter, Workers, holds_slot, queue_priority
 
 pytestmark = pytest.mark.anyio
 
@@ -61,3 +65,77 @@ async def test_cancelled_waiters_do_not_keep_or_leak_slots() -> None:
         assert not doomed.cancelled_caught
     assert got == ["kept"]
     assert limiter.statistics() .borrowed_tokens == 0
+
+
+def pipeline_call(index: int, stage: int, item: int, *, stages: int = 3, concurrency: int = 2) -> LiveCall:
+    call = LiveCall(index, f"key{index}", 1, f"item {item} stage {stage}", {}, f"i{item}-s{stage}", "(no phase)")
+    hint = (stage, item, stages)
+    call.stage_of = stage, item
+    call.holds_slot = holds_slot(hint, concurrency)
+    call.priority = queue_priority(hint, index)
+    return call
+
+
+async def test_an_items_next_stage_goes_to_the_slot_kept_for_it() -> None:
+    # Two slots, held by items 0 and 1. Item 0's next stage starts on item 0's worker as soon as
+    # the script asks for it, before the script has handled the rest of its slice; item 1's
+    # worker, finishing meanwhile, keeps its own slot instead of taking item 0's call, and item
+    # 2 waits for a free slot.
+    loop = asyncio.get_running_loop()
+    gates: dict[str, asyncio.Future[None]] = {}
+    handled: dict[str, asyncio.Future[None]] = {}
+    ran: list[tuple[str, asyncio.Task[object] | None]] = []
+
+    async def serve(call: LiveCall) -> bool:
+        ran.append((call.label, asyncio.current_task()))
+        call.started_at = 1000.0
+        await gates.setdefault(call.label, loop.create_future())
+        call.finished_at = 1001.0  # a call that took a while: its worker may keep the slot
+        call.delivered = True
+        call.handled_event = handled.setdefault(call.label, loop.create_future())
+        return True
+
+    def worker_of(label: str) -> asyncio.Task[object] | None:
+        return next(task for name, task in ran if name == label)
+
+    def release(label: str) -> None:
+        gates.setdefault(label, loop.create_future()).set_result(None)
+
+    workers = Workers(2, serve)
+    a0, b0, c0 = pipeline_call(0, 0, 0), pipeline_call(1, 0, 1), pipeline_call(2, 0, 2)
+    for call in (a0, b0, c0):
+        call.handled = loop.create_future  # only tested for presence
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            workers.tg = tg
+            for call in (c0, b0, a0):
+                workers.push(call)
+            await anyio.wait_all_tasks_blocked()
+            assert [name for name, _ in ran] == ["i0-s0", "i1-s0"]  # the items that stream first
+
+            release("i0-s0")
+            await anyio.wait_all_tasks_blocked()
+            a1 = pipeline_call(3, 1, 0)
+            workers.push(a1)
+            await anyio.wait_all_tasks_blocked()
+            assert worker_of("i0-s1") is worker_of("i0-s0")
+            assert not handled["i0-s0"].done()  # the script is still handling that slice
+            assert workers.queue == [(c0.priority, c0)]
+
+            release("i1-s0")
+            await anyio.wait_all_tasks_blocked()
+            assert [name for name, _ in ran] == ["i0-s0", "i1-s0", "i0-s1"]
+            b1 = pipeline_call(4, 1, 1)
+            workers.push(b1)
+            await anyio.wait_all_tasks_blocked()
+            assert worker_of("i1-s1") is worker_of("i1-s0")
+
+            # Once the script has handled a result without asking for a next stage (the item
+            # ended), the kept slot goes to the queue.
+            release("i0-s1")
+            await anyio.wait_all_tasks_blocked()
+            handled["i0-s1"].set_result(None)
+            await anyio.wait_all_tasks_blocked()
+            assert [name for name, _ in ran][-1] == "i2-s0"
+            assert worker_of("i2-s0") is worker_of("i0-s0")
+            tg.cancel_scope.cancel()
