@@ -22,7 +22,8 @@ from collections.abc import Callable
 Order = Callable[[int, int], tuple[int, ...]]
 
 ORDERS: dict[str, Order] = {
-    "later stages first (quickflow)": lambda stage, item: (-stage, item),
+    "most stages ahead first (quickflow)": lambda stage, item: (stage, item),
+    "later stages first (quickflow until the fifteenth round)": lambda stage, item: (-stage, item),
     "ready order (FIFO)": lambda stage, item: (),
 }
 

@@ -66,7 +66,7 @@ class LiveCall:
     finished_at: float | None = None
     transcript: list[Any] = field(default_factory=list)
     scope: anyio.CancelScope | None = None
-    # Queue order on the run's queue: later pipeline stages first, then lower item indices.
+    # Queue order on the run's queue (see scheduling.queue_priority).
     priority: tuple[int, ...] = ()
     # Started by a pipeline stage with a stage after it, for one of the pipeline's first items:
     # its worker may keep the slot for the item's next stage (see Workers._worker).

@@ -423,7 +423,7 @@ class Run:
         if hint is not None:
             call.stage_of = hint[0], hint[1]
             call.holds_slot = holds_slot(hint, self.options.concurrency)
-        call.priority = queue_priority(hint, index)
+        call.priority = queue_priority(hint, index, self.options.concurrency)
         if recovered is not None:
             deliver(True, self._serve_recovered(call, recovered))
             return

@@ -8,10 +8,10 @@ import pytest
 
 from benchmarks.pipeline_model import ORDERS, simulate
 
-LATER_FIRST, FIFO = ORDERS.values()
+LONGEST_FIRST, LATER_FIRST, FIFO = ORDERS.values()
 
 
-@pytest.mark.parametrize("order", [LATER_FIRST, FIFO])
+@pytest.mark.parametrize("order", [LONGEST_FIRST, LATER_FIRST, FIFO])
 def test_free_calls_fill_every_wave(order: Callable[[int, int], tuple[int, ...]]) -> None:
     # 64 items × 3 stages on 16 slots with no cost between calls: 12 full waves of 20 ms.
     _, total = simulate(order, holds=0, late_ms=0, gap_ms=0)
@@ -36,3 +36,13 @@ def test_gaps_cost_the_total_only_through_held_slots() -> None:
 def test_late_calls_stretch_every_wave() -> None:
     _, total = simulate(FIFO, holds=0, late_ms=2, gap_ms=0)
     assert total == pytest.approx(22 / 20)
+
+
+def test_starting_the_longest_chains_first_keeps_the_end_free_of_gaps() -> None:
+    # Later stages first leaves the last items' stages to run one after another at the end,
+    # each a gap after the one before; the longest chains first ends on independent calls.
+    _, longest = simulate(LONGEST_FIRST, holds=16, late_ms=0, gap_ms=3)
+    _, later = simulate(LATER_FIRST, holds=16, late_ms=0, gap_ms=3)
+    _, unheld = simulate(LONGEST_FIRST, holds=0, late_ms=0, gap_ms=3)
+    assert unheld == pytest.approx(1.0)  # every gap is filled by another item's call
+    assert longest < later

@@ -72,7 +72,7 @@ def pipeline_call(index: int, stage: int, item: int, *, stages: int = 3, concurr
     hint = (stage, item, stages)
     call.stage_of = stage, item
     call.holds_slot = holds_slot(hint, concurrency)
-    call.priority = queue_priority(hint, index)
+    call.priority = queue_priority(hint, index, concurrency)
     return call
 
 

@@ -577,8 +577,8 @@ async def test_the_checks_of_a_script_seen_recently_are_reused() -> None:
 
 
 async def test_pipeline_items_stream_through_a_full_queue() -> None:
-    # Two slots, eight items, three stages: later stages take free slots first, so the first
-    # item is done before the last item even starts its first stage.
+    # Two slots, eight items, three stages: the first two items keep their slots through their
+    # stages, so the first item is done before the last item even starts its first stage.
     script = """return await pipeline([0, 1, 2, 3, 4, 5, 6, 7],
   (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
   (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}),
@@ -592,6 +592,26 @@ async def test_pipeline_items_stream_through_a_full_queue() -> None:
             events = [(e.type, e.data.get("label")) for e in await events_of(engine, record.id)]
     assert record.status == "completed" and len(record.result) == 8
     assert events.index(("agent.completed", "i0-s2")) < events.index(("agent.started", "i7-s0"))
+
+
+async def test_after_the_streaming_items_the_longest_chains_start_first() -> None:
+    # One slot, four items, three stages. Item 0 streams: its stages run back to back. Then
+    # every other item's first stage runs before any later stage: the run then ends on calls
+    # that do not wait for each other (``scheduling.queue_priority``).
+    script = """return await pipeline([0, 1, 2, 3],
+  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
+  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}),
+  (_, i) => agent(`item ${i} stage 2`, {label: `i${i}-s2`}))"""
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(
+                RunRequest(script=script, options={"concurrency": 1, "simulate": {"latency_ms": 30}})
+            )
+            record = await engine.wait(record.id)
+            started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
+    assert record.status == "completed" and len(record.result) == 4
+    assert started[:6] == ["i0-s0", "i0-s1", "i0-s2", "i1-s0", "i2-s0", "i3-s0"]
+    assert sorted(started[6:], key=lambda label: label[-1]) == started[6:]  # stage 1s, then stage 2s
 
 
 async def start_order_of_two_stages(options: dict[str, Any]) -> tuple[RunRecord, list[str]]:
