@@ -191,6 +191,9 @@ class Workers:
         self._unpaused.set()
 
     def push(self, call: LiveCall) -> None:
+        # Holders are known by item index alone: two pipelines running at once (or a child
+        # workflow's) can hand a holder the other's call. That call is a pipeline call of the
+        # first items too, so it runs at once either way; the other one is queued, most urgent.
         if self._holders and call.stage_of is not None:
             stage, item = call.stage_of
             holder = self._holders.get(item)
