@@ -20,11 +20,13 @@ class Checkpointer:
     SQLite has the COMMIT that grows the WAL past 1000 pages copy it back, and that checkpoint
     ends with an fsync of the database file: 30-40 ms on the machines this was measured on,
     during which every write queued behind that COMMIT waited, and so did every agent result
-    waiting for it. The writer asks this thread after each group of ``CHECKPOINT_GROUP_ROWS``
-    rows or more, the bursts that fill the WAL (``request``); it runs a PASSIVE checkpoint, which
-    never waits for the writer or readers and never blocks them, at most once per
-    ``CHECKPOINT_INTERVAL_S``. Small groups leave the checkpoints to SQLite: checkpointing
-    after each of them cost HTTP throughput, for little left to copy.
+    waiting for it. The writer asks this thread each time ``CHECKPOINT_GROUP_ROWS`` more rows
+    have been committed, in one group or in several small ones (``request``); it runs a PASSIVE
+    checkpoint, which never waits for the writer or readers and never blocks them, at most once
+    per ``CHECKPOINT_INTERVAL_S``. Asking after every group, however small, cost HTTP
+    throughput for little to copy; leaving small groups to SQLite let a steady stream of them
+    (a pipeline of 20 ms calls) reach the 1000 pages: in 6 of 10 such trials a group of journal
+    entries waited 12-17 ms for that COMMIT.
 
     The writer keeps SQLite's own checkpoint: it finds the pages already copied, so it is quick,
     and it still bounds the WAL and starts it over (a checkpoint running beside a steady writer

@@ -369,6 +369,7 @@ def main(path: str, synchronous: str, *, inbox_fd: int = 0, outbox_fd: int = 1) 
     inbox = _Inbox(inbox_fd)
     try:
         stopping = False
+        unchecked = 0  # rows committed since the checkpointer was last asked
         while not stopping:
             ops = inbox.take()
             stopping = inbox.closed or any(kind == "stop" for kind, _, _ in ops)
@@ -376,8 +377,10 @@ def main(path: str, synchronous: str, *, inbox_fd: int = 0, outbox_fd: int = 1) 
             if not group:
                 continue
             results = writer.commit(group)
-            if sum(write.rows for write in group) >= CHECKPOINT_GROUP_ROWS:
+            unchecked += sum(write.rows for write in group)
+            if unchecked >= CHECKPOINT_GROUP_ROWS:
                 checkpointer.request()
+                unchecked = 0
             if inbox.closed:
                 continue  # the store is gone: nobody to tell
             try:

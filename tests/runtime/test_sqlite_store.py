@@ -740,6 +740,24 @@ async def test_the_wal_is_checkpointed_while_the_store_is_open(tmp_path: Path) -
 
 
 @pytest.mark.anyio
+async def test_small_commits_are_checkpointed_too(tmp_path: Path) -> None:
+    # Single journal entries, each its own group: once they add up to a burst's rows, the
+    # checkpointer copies them, well before the WAL's 1000 pages would make a COMMIT do it
+    # (and stall every write queued behind that COMMIT for its fsync).
+    with anyio.fail_after(10):
+        path = tmp_path / "q.db"
+        async with await SQLiteStore.open(path) as store:
+            size = path.stat().st_size
+            for index in range(80):  # about 80 pages
+                await store.save_call(call("r", index, output={"text": "x" * 4000}))
+            while store.statistics().checkpoints == 0:
+                await anyio.sleep(0.01)
+            while path.stat().st_size < size + 60 * 4000:
+                await anyio.sleep(0.01)
+            assert len(await store.list_calls("r")) == 80
+
+
+@pytest.mark.anyio
 async def test_the_wal_starts_over_under_steady_writes(tmp_path: Path) -> None:
     # A checkpoint beside a steady writer never finds the WAL complete, which starting it over
     # needs: the writer's own checkpoint (quick, the checkpointer has copied most pages) does.
