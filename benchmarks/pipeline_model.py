@@ -21,8 +21,9 @@ from collections.abc import Callable
 
 Order = Callable[[int, int], tuple[int, ...]]
 
+# quickflow serves a pipeline's first ``concurrency`` items first (16 in the modelled scenario).
 ORDERS: dict[str, Order] = {
-    "most stages ahead first (quickflow)": lambda stage, item: (stage, item),
+    "most stages ahead first (quickflow)": lambda stage, item: (item >= 16, stage, item),
     "later stages first (quickflow until the fifteenth round)": lambda stage, item: (-stage, item),
     "ready order (FIFO)": lambda stage, item: (),
 }

@@ -317,8 +317,8 @@
     };
     const qf$advance = (i, s, value) => {
       if (s === stages.length) return qf$done(i, value);
-      // Agents started synchronously by this stage carry [stage, item] so the host can let
-      // items stream through: later stages first, then lower item indices.
+      // Agents started synchronously by this stage carry [stage, item, stages]: the host lets
+      // the first items stream through and orders the rest (scheduling.queue_priority).
       const outer = currentPriority;
       currentPriority = [s, i, stages.length];
       let pending;

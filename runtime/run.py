@@ -423,7 +423,8 @@ class Run:
         if hint is not None:
             call.stage_of = hint[0], hint[1]
             call.holds_slot = holds_slot(hint, self.options.concurrency)
-        call.priority = queue_priority(hint, index, self.options.concurrency)
+        call.priority = queue_priority(hint, index, self.options.concurrency,
+                                       finish_first=self.options.budget_tokens is not None)
         if recovered is not None:
             deliver(True, self._serve_recovered(call, recovered))
             return

@@ -1,9 +1,10 @@
 """Who runs next: a run's queue and its workers, and a limiter that serves the most urgent first.
 
 A run queues its calls by ``queue_priority``: a pipeline's first ``concurrency`` items first,
-then the calls with the most stages ahead, then issue order; ``holds_slot`` says which pipeline
-calls keep their slot for the item's next stage. :class:`Workers` serves a run's queue (at most
-``concurrency`` calls at once, a pause gate, and a window of calls ahead of the journal).
+then the calls with the most stages ahead (the fewest, in a run with a token budget), then
+lower items, then issue order; ``holds_slot`` says which pipeline calls keep their slot for the
+item's next stage. :class:`Workers` serves a run's queue (at most ``concurrency`` calls at
+once, a pause gate, and a window of calls ahead of the journal).
 ``PriorityLimiter`` is the dispatcher's server-wide agent limit: ``try_acquire`` takes a free
 slot without awaiting (the common case costs no task switch), and waiters are served by
 priority, FIFO among equals. Priorities are tuples; smaller is more urgent.
@@ -59,10 +60,11 @@ def pipeline_hint(hint: Any) -> tuple[int, int, int] | None:
     return None
 
 
-def queue_priority(hint: tuple[int, int, int] | None, index: int, concurrency: int) -> tuple[int, ...]:
+def queue_priority(hint: tuple[int, int, int] | None, index: int, concurrency: int, *,
+                   finish_first: bool = False) -> tuple[int, ...]:
     """A pipeline's first ``concurrency`` items first: they stream (see ``holds_slot``). Then the
-    calls with the most stages still ahead (the earliest stage, then lower items), then issue
-    order; a call outside a pipeline counts as a first stage.
+    calls with the most stages still ahead, counting this one (a call outside a pipeline has
+    one), then lower items, then issue order.
 
     Starting the longest chains first is Hu's rule, which minimizes the total time of chains of
     equal calls: the run's last calls are then other items' last stages, independent of each
@@ -71,11 +73,16 @@ def queue_priority(hint: tuple[int, int, int] | None, index: int, concurrency: i
     slots idle (a 64 x 3 pipeline of 20 ms calls on 16 slots: 1.12 against 1.09 x its ideal
     total, ``benchmarks/PROFILING.md``, fifteenth round). What it gives up: items after the
     first ``concurrency`` finish together near the end rather than one after another.
+
+    ``finish_first`` (a run with a token budget) turns that around, fewest stages ahead first:
+    when the budget runs out, the tokens went to items that finished, not to first stages of
+    items that never will.
     """
     if hint is None:
-        return (1, 0, 0, index)
-    stage, item, _ = hint
-    return (0 if item < concurrency else 1, stage, item, index)
+        return (1, 1 if finish_first else -1, 0, index)
+    stage, item, stages = hint
+    ahead = stages - stage
+    return (0 if item < concurrency else 1, ahead if finish_first else -ahead, item, index)
 
 
 def holds_slot(hint: tuple[int, int, int] | None, concurrency: int) -> bool:

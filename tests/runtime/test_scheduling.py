@@ -67,6 +67,14 @@ async def test_cancelled_waiters_do_not_keep_or_leak_slots() -> None:
     assert limiter.statistics() .borrowed_tokens == 0
 
 
+def test_the_queue_counts_stages_ahead_not_the_stage_number() -> None:
+    # Stage 1 of 4 has three calls ahead of it; stage 0 of a one-stage pipeline has one.
+    longer, shorter = queue_priority((1, 5, 4), 11, 2), queue_priority((0, 5, 1), 10, 2)
+    assert longer < shorter
+    assert queue_priority((1, 5, 4), 11, 2, finish_first=True) > queue_priority((0, 5, 1), 10, 2, finish_first=True)
+    assert queue_priority((2, 0, 3), 12, 2) < queue_priority((0, 2, 3), 1, 2)  # the streaming items first
+
+
 def pipeline_call(index: int, stage: int, item: int, *, stages: int = 3, concurrency: int = 2) -> LiveCall:
     call = LiveCall(index, f"key{index}", 1, f"item {item} stage {stage}", {}, f"i{item}-s{stage}", "(no phase)")
     hint = (stage, item, stages)

@@ -614,6 +614,44 @@ async def test_after_the_streaming_items_the_longest_chains_start_first() -> Non
     assert sorted(started[6:], key=lambda label: label[-1]) == started[6:]  # stage 1s, then stage 2s
 
 
+async def test_calls_with_more_stages_ahead_go_first_across_pipelines() -> None:
+    # A four-stage pipeline beside a one-stage one, two slots: item 2 of the long one (past the
+    # streaming items) runs its stages between the short one's calls, not after all of them,
+    # where it would end the run alone with a slot idle.
+    script = """const [a, b] = await Promise.all([
+  pipeline([0, 1, 2], ...[0, 1, 2, 3].map((s) => (_, __, i) => agent(`long ${i} stage ${s}`, {label: `L${i}s${s}`}))),
+  pipeline([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], (i) => agent(`short ${i}`, {label: `S${i}`}))])
+return [a.length, b.length]"""
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(
+                RunRequest(script=script, options={"concurrency": 2, "simulate": {"latency_ms": 30}})
+            )
+            record = await engine.wait(record.id)
+            started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
+    assert record.result == [3, 10]
+    assert started.index("L2s1") < started.index("S9")
+
+
+async def test_a_run_with_a_budget_finishes_items_before_starting_others() -> None:
+    # With a token budget the queue turns around, fewest stages ahead first: tokens spent when
+    # the budget runs out went to items that finished. One slot, item 0 streams; item 1's
+    # second stage then goes before item 3's first.
+    script = """return await pipeline([0, 1, 2, 3],
+  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
+  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}),
+  (_, i) => agent(`item ${i} stage 2`, {label: `i${i}-s2`}))"""
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(RunRequest(script=script, options={
+                "concurrency": 1, "budget_tokens": 1_000_000, "simulate": {"latency_ms": 50}}))
+            record = await engine.wait(record.id)
+            started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
+    assert record.status == "completed" and len(record.result) == 4
+    assert started[:5] == ["i0-s0", "i0-s1", "i0-s2", "i1-s0", "i2-s0"]
+    assert started.index("i1-s1") < started.index("i3-s0")
+
+
 async def start_order_of_two_stages(options: dict[str, Any]) -> tuple[RunRecord, list[str]]:
     """Three items through two stages on one slot: the run, and the labels in start order."""
     script = """return await pipeline([0, 1, 2],
