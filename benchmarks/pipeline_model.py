@@ -21,7 +21,9 @@ from collections.abc import Callable
 
 Order = Callable[[int, int], tuple[int, ...]]
 
-# quickflow serves a pipeline's first ``concurrency`` items first (16 in the modelled scenario).
+# quickflow serves a pipeline's first ``concurrency`` items first (16 in the modelled scenario),
+# then the others in rounds of 2 x ``concurrency`` items, the last round taking what is left
+# over: 64 items make one round, so within it, the most stages ahead first.
 ORDERS: dict[str, Order] = {
     "most stages ahead first (quickflow)": lambda stage, item: (item >= 16, stage, item),
     "later stages first (quickflow until the fifteenth round)": lambda stage, item: (-stage, item),

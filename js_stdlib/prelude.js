@@ -317,10 +317,10 @@
     };
     const qf$advance = (i, s, value) => {
       if (s === stages.length) return qf$done(i, value);
-      // Agents started synchronously by this stage carry [stage, item, stages]: the host lets
-      // the first items stream through and orders the rest (scheduling.queue_priority).
+      // Agents started synchronously by this stage carry [stage, item, stages, items]: the
+      // host lets the first items stream through and orders the rest (scheduling.queue_priority).
       const outer = currentPriority;
-      currentPriority = [s, i, stages.length];
+      currentPriority = [s, i, stages.length, kept.length];
       let pending;
       try {
         pending = stages[s](value, kept[i], i);

@@ -1,13 +1,14 @@
 """Who runs next: a run's queue and its workers, and a limiter that serves the most urgent first.
 
 A run queues its calls by ``queue_priority``: a pipeline's first ``concurrency`` items first,
-then the calls with the most stages ahead (the fewest, in a run with a token budget), then
-lower items, then issue order; ``holds_slot`` says which pipeline calls keep their slot for the
-item's next stage. :class:`Workers` serves a run's queue (at most ``concurrency`` calls at
-once, a pause gate, and a window of calls ahead of the journal).
-``PriorityLimiter`` is the dispatcher's server-wide agent limit: ``try_acquire`` takes a free
-slot without awaiting (the common case costs no task switch), and waiters are served by
-priority, FIFO among equals. Priorities are tuples; smaller is more urgent.
+then the others in rounds, and within a round the calls with the most stages ahead (the
+fewest, in a run with a token budget), then lower items, then issue order; ``holds_slot``
+says which pipeline calls keep their slot for the item's next stage. :class:`Workers` serves
+a run's queue (at most ``concurrency`` calls at once, a pause gate, and a window of calls
+ahead of the journal). ``PriorityLimiter`` is the dispatcher's server-wide agent limit:
+``try_acquire`` takes a free slot without awaiting (the common case costs no task switch), and
+waiters are served by priority, FIFO among equals. Priorities are tuples; smaller is more
+urgent.
 """
 
 from __future__ import annotations
@@ -49,43 +50,54 @@ _WORKER_TURN_S = 0.002
 _HOLD_MIN_CALL_S = 0.005
 
 
-def pipeline_hint(hint: Any) -> tuple[int, int, int] | None:
-    """``[stage, item, stages]`` from the prelude when a pipeline stage started the call."""
-    # Runs for every agent: three isinstance() calls, not all() over a generator (2% of the
-    # event loop's time in a 100 x 3 pipeline trial, py-spy).
-    if isinstance(hint, list) and len(hint) == 3:
-        stage, item, stages = hint
-        if isinstance(stage, int) and isinstance(item, int) and isinstance(stages, int):
-            return stage, item, stages
+#: ``[stage, item, stages, items]``: where a pipeline stage's call stands in its pipeline.
+Hint = tuple[int, int, int, int]
+
+
+def pipeline_hint(hint: Any) -> Hint | None:
+    """``[stage, item, stages, items]`` from the prelude when a pipeline stage started the call."""
+    # Runs for every agent: isinstance() calls, not all() over a generator (2% of the event
+    # loop's time in a 100 x 3 pipeline trial, py-spy).
+    if isinstance(hint, list) and len(hint) == 4:
+        stage, item, stages, items = hint
+        if isinstance(stage, int) and isinstance(item, int) and isinstance(stages, int) and isinstance(items, int):
+            return stage, item, stages, items
     return None
 
 
-def queue_priority(hint: tuple[int, int, int] | None, index: int, concurrency: int, *,
-                   finish_first: bool = False) -> tuple[int, ...]:
-    """A pipeline's first ``concurrency`` items first: they stream (see ``holds_slot``). Then the
-    calls with the most stages still ahead, counting this one (a call outside a pipeline has
-    one), then lower items, then issue order.
+def queue_priority(hint: Hint | None, index: int, concurrency: int, *, finish_first: bool = False) -> tuple[int, ...]:
+    """A pipeline's first ``concurrency`` items first: they stream (see ``holds_slot``). The
+    items after them in rounds of ``2 * concurrency`` (the last round also takes what is left
+    over), earlier rounds first; within a round, the calls with the most stages still
+    ahead, counting this one, then lower items, then issue order. A call outside a pipeline
+    has one stage ahead, in the first round.
 
-    Starting the longest chains first is Hu's rule, which minimizes the total time of chains of
-    equal calls: the run's last calls are then other items' last stages, independent of each
-    other, and they fill every slot. Later stages first would leave the last items' stages to
-    run one after another at the end, each a commit and a slice after the one before, with
-    slots idle (a 64 x 3 pipeline of 20 ms calls on 16 slots: 1.12 against 1.09 x its ideal
-    total, ``benchmarks/PROFILING.md``, fifteenth round). What it gives up: items after the
-    first ``concurrency`` finish together near the end rather than one after another.
+    Within a round this is Hu's rule, which minimizes the total time of chains of equal calls:
+    the round ends on other items' last stages, independent of each other, while the next
+    round's first stages fill the gaps, and the run ends on independent calls with every slot
+    busy. Later stages first would leave the last items' stages to run one after another at the
+    end, each a commit and a slice after the one before, with slots idle (a 64 x 3 pipeline of
+    20 ms calls on 16 slots: 1.12 against 1.09 x its ideal total, ``benchmarks/PROFILING.md``,
+    fifteenth round). Rounds keep a long pipeline's items finishing as it goes, a round at a
+    time, instead of all together at its end.
 
-    ``finish_first`` (a run with a token budget) turns that around, fewest stages ahead first:
+    ``finish_first`` (a run with a token budget) takes the fewest stages ahead first instead:
     when the budget runs out, the tokens went to items that finished, not to first stages of
     items that never will.
     """
     if hint is None:
-        return (1, 1 if finish_first else -1, 0, index)
-    stage, item, stages = hint
+        return (1, 0, 1 if finish_first else -1, 0, index)
+    stage, item, stages, items = hint
     ahead = stages - stage
-    return (0 if item < concurrency else 1, ahead if finish_first else -ahead, item, index)
+    if item < concurrency:
+        return (0, 0, ahead if finish_first else -ahead, item, index)
+    per_round = 2 * concurrency
+    later = item - concurrency
+    rounds = min(later // per_round, max(0, (items - concurrency) // per_round - 1))
+    return (1, rounds, ahead if finish_first else -ahead, item, index)
 
 
-def holds_slot(hint: tuple[int, int, int] | None, concurrency: int) -> bool:
+def holds_slot(hint: Hint | None, concurrency: int) -> bool:
     """Whether the worker of a call a pipeline stage started keeps its slot for the item's next
     stage: only for the first ``concurrency`` items, and only if there is a next stage.
 

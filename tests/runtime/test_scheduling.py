@@ -69,15 +69,30 @@ async def test_cancelled_waiters_do_not_keep_or_leak_slots() -> None:
 
 def test_the_queue_counts_stages_ahead_not_the_stage_number() -> None:
     # Stage 1 of 4 has three calls ahead of it; stage 0 of a one-stage pipeline has one.
-    longer, shorter = queue_priority((1, 5, 4), 11, 2), queue_priority((0, 5, 1), 10, 2)
+    longer, shorter = queue_priority((1, 2, 4, 3), 11, 2), queue_priority((0, 2, 1, 3), 10, 2)
     assert longer < shorter
-    assert queue_priority((1, 5, 4), 11, 2, finish_first=True) > queue_priority((0, 5, 1), 10, 2, finish_first=True)
-    assert queue_priority((2, 0, 3), 12, 2) < queue_priority((0, 2, 3), 1, 2)  # the streaming items first
+    assert queue_priority((1, 2, 4, 3), 11, 2, finish_first=True) > queue_priority((0, 2, 1, 3), 10, 2,
+                                                                                   finish_first=True)
+    assert queue_priority((2, 0, 3, 9), 12, 2) < queue_priority((0, 2, 3, 9), 1, 2)  # the streaming items first
+
+
+def test_the_queue_serves_a_long_pipeline_in_rounds() -> None:
+    # Concurrency 2: items 0-1 stream, then rounds of 4 items. Eleven items: rounds 2-5 and
+    # 6-10 (the last round takes the one left over). An earlier round's last stage goes before
+    # a later round's first; within a round, the most stages ahead first.
+    def priority(stage: int, item: int) -> tuple[int, ...]:
+        return queue_priority((stage, item, 3, 11), 100 + item, 2)
+
+    assert priority(2, 5) < priority(0, 6)
+    assert priority(0, 5) < priority(2, 2)
+    assert priority(0, 10) < priority(1, 6)  # item 10 is in the round of 6-9
+    assert priority(2, 10) > priority(0, 6)
+    assert priority(2, 1) < priority(0, 2)  # the streaming items before every round
 
 
 def pipeline_call(index: int, stage: int, item: int, *, stages: int = 3, concurrency: int = 2) -> LiveCall:
     call = LiveCall(index, f"key{index}", 1, f"item {item} stage {stage}", {}, f"i{item}-s{stage}", "(no phase)")
-    hint = (stage, item, stages)
+    hint = (stage, item, stages, 8)
     call.stage_of = stage, item
     call.holds_slot = holds_slot(hint, concurrency)
     call.priority = queue_priority(hint, index, concurrency)

@@ -614,6 +614,25 @@ async def test_after_the_streaming_items_the_longest_chains_start_first() -> Non
     assert sorted(started[6:], key=lambda label: label[-1]) == started[6:]  # stage 1s, then stage 2s
 
 
+async def test_a_long_pipeline_finishes_its_items_round_by_round() -> None:
+    # One slot: item 0 streams; the items after it go in rounds of two (items 1-2, items 3-4),
+    # the last round taking the one left over (items 5-7). Items 0-4 finish before any call of
+    # items 5-7 starts: a long pipeline's later items do not all wait for its end.
+    script = """return await pipeline([0, 1, 2, 3, 4, 5, 6, 7],
+  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
+  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}))"""
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(
+                RunRequest(script=script, options={"concurrency": 1, "simulate": {"latency_ms": 50}})
+            )
+            record = await engine.wait(record.id)
+            started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
+    assert record.status == "completed" and len(record.result) == 8
+    assert sorted(label[1] for label in started[:10]) == sorted("0011223344")
+    assert started[10:13] == ["i5-s0", "i6-s0", "i7-s0"]  # within a round, most stages ahead first
+
+
 async def test_calls_with_more_stages_ahead_go_first_across_pipelines() -> None:
     # A four-stage pipeline beside a one-stage one, two slots: item 2 of the long one (past the
     # streaming items) runs its stages between the short one's calls, not after all of them,
