@@ -19,15 +19,25 @@ import itertools
 import math
 from collections.abc import Callable
 
-Order = Callable[[int, int], tuple[int, ...]]
+from runtime.scheduling import queue_priority
 
-# quickflow serves a pipeline's first ``concurrency`` items first (16 in the modelled scenario),
-# then the others in rounds of 2 x ``concurrency`` items, the last round taking what is left
-# over: 64 items make one round, so within it, the most stages ahead first.
+#: ``order(stage, item, stages, items)``: the queue key of an item's stage (1-based); smaller
+#: goes first.
+Order = Callable[[int, int, int, int], tuple[int, ...]]
+
+#: The modelled scenario's concurrency, which quickflow's order depends on.
+_SLOTS = 16
+
+
+def _quickflow(stage: int, item: int, stages: int, items: int) -> tuple[int, ...]:
+    """The run's own queue order (``scheduling.queue_priority``) at the scenario's 16 slots."""
+    return queue_priority((stage - 1, item, stages, items), 0, _SLOTS)
+
+
 ORDERS: dict[str, Order] = {
-    "most stages ahead first (quickflow)": lambda stage, item: (item >= 16, stage, item),
-    "later stages first (quickflow until the fifteenth round)": lambda stage, item: (-stage, item),
-    "ready order (FIFO)": lambda stage, item: (),
+    "quickflow (rounds, most stages ahead first)": _quickflow,
+    "later stages first (quickflow until the fifteenth round)": lambda stage, item, stages, items: (-stage, item),
+    "ready order (FIFO)": lambda stage, item, stages, items: (),
 }
 
 
@@ -35,7 +45,7 @@ def simulate(order: Order, *, holds: int, items: int = 64, stages: int = 3, conc
              latency_ms: float = 20.0, late_ms: float = 1.45, gap_ms: float = 3.8) -> tuple[float, float]:
     """(first item done ÷ its ideal, total ÷ ideal) for one schedule."""
     tie = itertools.count()
-    ready = [(order(1, item), next(tie), item, 1) for item in range(items)]
+    ready = [(order(1, item, stages, items), next(tie), item, 1) for item in range(items)]
     heapq.heapify(ready)
     events: list[tuple[float, int, str, int, int]] = []  # (time, tie, kind, item, stage)
     free = concurrency
@@ -58,7 +68,7 @@ def simulate(order: Order, *, holds: int, items: int = 64, stages: int = 3, conc
             if item < holds:
                 start(now, item, stage)  # on the slot it held
             else:
-                heapq.heappush(ready, (order(stage, item), next(tie), item, stage))
+                heapq.heappush(ready, (order(stage, item, stages, items), next(tie), item, stage))
             continue
         end = now
         if stage == stages:

@@ -51,7 +51,7 @@
   let nextId = 1;
   let done = null; // set once the script's main promise settles
   let currentPhase = null;
-  let currentPriority = null; // [stage, item, stages] while a pipeline stage runs synchronously
+  let currentPriority = null; // [stage, item, stages, items] while a pipeline stage runs synchronously
   let logLines = 0;
   const state = {
     maxAgents: 1000, maxItems: 4096, maxLogLines: 10000, depth: 0,
