@@ -68,9 +68,10 @@ def pipeline_hint(hint: Any) -> Hint | None:
 def queue_priority(hint: Hint | None, index: int, concurrency: int, *, finish_first: bool = False) -> tuple[int, ...]:
     """A pipeline's first ``concurrency`` items first: they stream (see ``holds_slot``). The
     items after them in rounds of ``2 * concurrency`` (the last round also takes what is left
-    over, so it has up to twice that; fewer items than a round make one), earlier rounds first; within a round, the calls with the most stages still
-    ahead, counting this one, then lower items, then issue order. A call outside a pipeline
-    has one stage ahead, in the first round.
+    over, so it has up to twice that; fewer items than a round make one), earlier rounds
+    first; within a round, the calls with the most stages still ahead, counting this one, then
+    lower items, then issue order. A call outside a pipeline has one stage ahead, in the first
+    round.
 
     Within a round this is Hu's rule, which minimizes the total time of chains of equal calls:
     the round ends on other items' last stages, independent of each other, while the next
