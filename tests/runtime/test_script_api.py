@@ -594,21 +594,27 @@ async def test_pipeline_items_stream_through_a_full_queue() -> None:
     assert events.index(("agent.completed", "i0-s2")) < events.index(("agent.started", "i7-s0"))
 
 
+def pipeline_script(items: int, stages: int) -> str:
+    """Items 0 to ``items - 1`` through ``stages`` stages; each call labelled ``i<item>-s<stage>``."""
+    calls = ",\n".join(f"  (_, __, i) => agent(`item ${{i}} stage {s}`, {{label: `i${{i}}-s{s}`}})" for s in range(stages))
+    return f"return await pipeline([...Array({items}).keys()],\n{calls})"
+
+
+async def start_order(script: str, options: dict[str, Any]) -> tuple[RunRecord, list[str]]:
+    """The run of ``script`` and the labels of its agents in start order."""
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(RunRequest(script=script, options=options))
+            record = await engine.wait(record.id)
+            started = [str(e.data.get("label")) for e in await events_of(engine, record.id) if e.type == "agent.started"]
+    return record, started
+
+
 async def test_after_the_streaming_items_the_longest_chains_start_first() -> None:
     # One slot, four items, three stages. Item 0 streams: its stages run back to back. Then
     # every other item's first stage runs before any later stage: the run then ends on calls
     # that do not wait for each other (``scheduling.queue_priority``).
-    script = """return await pipeline([0, 1, 2, 3],
-  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
-  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}),
-  (_, i) => agent(`item ${i} stage 2`, {label: `i${i}-s2`}))"""
-    with anyio.fail_after(20):
-        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
-            record = await engine.submit(
-                RunRequest(script=script, options={"concurrency": 1, "simulate": {"latency_ms": 30}})
-            )
-            record = await engine.wait(record.id)
-            started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
+    record, started = await start_order(pipeline_script(4, 3), {"concurrency": 1, "simulate": {"latency_ms": 30}})
     assert record.status == "completed" and len(record.result) == 4
     assert started[:6] == ["i0-s0", "i0-s1", "i0-s2", "i1-s0", "i2-s0", "i3-s0"]
     assert sorted(started[6:], key=lambda label: label[-1]) == started[6:]  # stage 1s, then stage 2s
@@ -618,16 +624,7 @@ async def test_a_long_pipeline_finishes_its_items_round_by_round() -> None:
     # One slot: item 0 streams; the items after it go in rounds of two (items 1-2, items 3-4),
     # the last round taking the one left over (items 5-7). Items 0-4 finish before any call of
     # items 5-7 starts: a long pipeline's later items do not all wait for its end.
-    script = """return await pipeline([0, 1, 2, 3, 4, 5, 6, 7],
-  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
-  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}))"""
-    with anyio.fail_after(20):
-        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
-            record = await engine.submit(
-                RunRequest(script=script, options={"concurrency": 1, "simulate": {"latency_ms": 50}})
-            )
-            record = await engine.wait(record.id)
-            started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
+    record, started = await start_order(pipeline_script(8, 2), {"concurrency": 1, "simulate": {"latency_ms": 50}})
     assert record.status == "completed" and len(record.result) == 8
     assert sorted(label[1] for label in started[:10]) == sorted("0011223344")
     assert started[10:13] == ["i5-s0", "i6-s0", "i7-s0"]  # within a round, most stages ahead first
@@ -641,13 +638,7 @@ async def test_calls_with_more_stages_ahead_go_first_across_pipelines() -> None:
   pipeline([0, 1, 2], ...[0, 1, 2, 3].map((s) => (_, __, i) => agent(`long ${i} stage ${s}`, {label: `L${i}s${s}`}))),
   pipeline([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], (i) => agent(`short ${i}`, {label: `S${i}`}))])
 return [a.length, b.length]"""
-    with anyio.fail_after(20):
-        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
-            record = await engine.submit(
-                RunRequest(script=script, options={"concurrency": 2, "simulate": {"latency_ms": 30}})
-            )
-            record = await engine.wait(record.id)
-            started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
+    record, started = await start_order(script, {"concurrency": 2, "simulate": {"latency_ms": 30}})
     assert record.result == [3, 10]
     assert started.index("L2s1") < started.index("S9")
 
@@ -656,16 +647,8 @@ async def test_a_run_with_a_budget_finishes_items_before_starting_others() -> No
     # With a token budget the queue turns around, fewest stages ahead first: tokens spent when
     # the budget runs out went to items that finished. One slot, item 0 streams; item 1's
     # second stage then goes before item 3's first.
-    script = """return await pipeline([0, 1, 2, 3],
-  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
-  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}),
-  (_, i) => agent(`item ${i} stage 2`, {label: `i${i}-s2`}))"""
-    with anyio.fail_after(20):
-        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
-            record = await engine.submit(RunRequest(script=script, options={
-                "concurrency": 1, "budget_tokens": 1_000_000, "simulate": {"latency_ms": 50}}))
-            record = await engine.wait(record.id)
-            started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
+    record, started = await start_order(pipeline_script(4, 3), {
+        "concurrency": 1, "budget_tokens": 1_000_000, "simulate": {"latency_ms": 50}})
     assert record.status == "completed" and len(record.result) == 4
     assert started[:5] == ["i0-s0", "i0-s1", "i0-s2", "i1-s0", "i2-s0"]
     assert started.index("i1-s1") < started.index("i3-s0")
@@ -673,22 +656,14 @@ async def test_a_run_with_a_budget_finishes_items_before_starting_others() -> No
 
 async def start_order_of_two_stages(options: dict[str, Any]) -> tuple[RunRecord, list[str]]:
     """Three items through two stages on one slot: the run, and the labels in start order."""
-    script = """return await pipeline([0, 1, 2],
-  (i) => agent(`item ${i} stage 0`, {label: `i${i}-s0`}),
-  (_, i) => agent(`item ${i} stage 1`, {label: `i${i}-s1`}))"""
-    async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
-        record = await engine.submit(RunRequest(script=script, options={"concurrency": 1, **options}))
-        record = await engine.wait(record.id)
-        started = [e.data.get("label") for e in await events_of(engine, record.id) if e.type == "agent.started"]
-    return record, started
+    return await start_order(pipeline_script(3, 2), {"concurrency": 1, **options})
 
 
 async def test_only_the_first_items_hold_their_slot_for_the_next_stage() -> None:
     # One slot: item 0, among the first `concurrency` items, keeps it for its second stage.
     # Item 1 does not: the slot goes straight to item 2's first stage, queued meanwhile, instead
     # of idling until the script asks for item 1's second stage.
-    with anyio.fail_after(20):
-        record, started = await start_order_of_two_stages({"simulate": {"latency_ms": 20}})
+    record, started = await start_order_of_two_stages({"simulate": {"latency_ms": 20}})
     assert record.status == "completed" and len(record.result) == 3
     assert started[:4] == ["i0-s0", "i0-s1", "i1-s0", "i2-s0"]
 
@@ -696,8 +671,7 @@ async def test_only_the_first_items_hold_their_slot_for_the_next_stage() -> None
 async def test_near_instant_pipeline_calls_do_not_hold_their_slot() -> None:
     # Holding a slot for an item's next stage costs a commit and a slice; after a call that
     # answered at once that wait would only idle the slot, so the worker takes the next item.
-    with anyio.fail_after(20):
-        record, started = await start_order_of_two_stages({})
+    record, started = await start_order_of_two_stages({})
     assert record.status == "completed" and len(record.result) == 3
     assert started[:3] == ["i0-s0", "i1-s0", "i2-s0"]
 
