@@ -315,7 +315,6 @@ class Workers:
         finally:
             self._workers -= 1
 
-
     async def _next_stage(self, call: LiveCall) -> LiveCall | None:
         """Keep the slot until the script asks for the next stage of ``call``'s item: that call,
         handed over by ``push``, or None once the script has handled the result without asking
