@@ -20,6 +20,7 @@ from runtime.errors import (
     NotFound,
     QuickflowError,
     ScriptRejected,
+    TooManyStuckRuns,
     Unauthorized,
 )
 
@@ -33,6 +34,7 @@ _STATUS: list[tuple[type[QuickflowError], int]] = [
     (NotFound, 404),
     (Conflict, 409),
     (Unauthorized, 401),
+    (TooManyStuckRuns, 429),
     (ConfigError, 500),
 ]
 
@@ -56,6 +58,8 @@ async def _quickflow_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, QuickflowError)
     status = status_for(exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if isinstance(exc, TooManyStuckRuns):
+        headers = {"Retry-After": str(exc.retry_after_s)}
     return error_response(status, exc.code, exc.message, exc.details or None, headers)
 
 

@@ -41,11 +41,12 @@ from .errors import (
     AgentNotFound,
     ConfigError,
     Conflict,
-    InvalidRunState,
     InvalidRequest,
+    InvalidRunState,
     ResumeConflict,
     RunNotFound,
     ScriptRejected,
+    TooManyStuckRuns,
     WorkflowNotFound,
 )
 from .events import EventLog, EventType, stored_events
@@ -215,7 +216,8 @@ class Engine:
         return await anyio.to_thread.run_sync(lambda: self.check(script, require_meta=require_meta))
 
     async def submit(self, request: RunRequest, *, owner: str = "local") -> RunRecord:
-        """Validate and start a run. Raises ScriptRejected, InvalidRequest, NotFound or ResumeConflict."""
+        """Validate and start a run. Raises ScriptRejected, InvalidRequest, NotFound, ResumeConflict or
+        TooManyStuckRuns."""
         if request.idempotency_key:
             existing = await self.store.find_run_by_idempotency_key(owner, request.idempotency_key)
             if existing is not None:
@@ -226,6 +228,9 @@ class Engine:
                         details={"run_id": existing.id},
                     )
                 return existing
+        stuck = self.pool.overrunning(owner)
+        if 0 < self.limits.stuck_slices_per_owner <= stuck:
+            raise TooManyStuckRuns(owner, stuck)
         options = RunOptions.parse(request.options, self.limits, default_backend=self.settings.backend_name())
         if options.effective_backend not in self.backends:
             raise InvalidRequest(

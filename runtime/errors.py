@@ -16,6 +16,7 @@ each class to a status code and the shared error shape in exactly one place
     │   ├── InvalidAgentState     an agent control does not apply in the agent's state
     │   └── ResumeConflict        the source run still has live agents
     ├── Unauthorized                                                        (401)
+    ├── TooManyStuckRuns          the owner's scripts hold threads stuck in a built-in call (429)
     ├── ConfigError               the configuration cannot be used
     └── BackendError              an agent backend failed one attempt
         ├── RetryableBackendError     worth another try (429, 529, 5xx, connection)
@@ -43,6 +44,7 @@ __all__ = [
     "InvalidAgentState",
     "ResumeConflict",
     "Unauthorized",
+    "TooManyStuckRuns",
     "ConfigError",
     "BackendError",
     "RetryableBackendError",
@@ -149,6 +151,23 @@ class ResumeConflict(Conflict):
 
 class Unauthorized(QuickflowError):
     code = "unauthorized"
+
+
+class TooManyStuckRuns(QuickflowError):
+    """The owner's runs left slices stuck inside single built-in calls, still running on their
+    threads (see ``sandbox.SlicePool``): no new run until some return."""
+
+    code = "too_many_stuck_runs"
+    retry_after_s = 30
+
+    def __init__(self, owner: str, stuck: int) -> None:
+        super().__init__(
+            f"{stuck} slice(s) of your runs are still stuck inside a single built-in call, each "
+            "holding a thread and its JS heap until the call returns; no new run starts until "
+            "fewer are (see quickflow_slices_overrunning in /metrics)",
+            details={"stuck": stuck},
+        )
+        self.owner = owner
 
 
 class ConfigError(QuickflowError):

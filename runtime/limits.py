@@ -32,3 +32,7 @@ class Limits:
     # A script that has waited this long for results gives up its JS context (about 0.5 MB); the
     # next result rebuilds it by replaying the script. 0 keeps every context.
     evict_idle_s: float = 2.0
+    # An owner whose runs have left this many slices stuck inside single built-in calls, still
+    # running on their threads, starts no new run until fewer are (each holds a thread and up to
+    # ``heap_bytes``). 0: no limit.
+    stuck_slices_per_owner: int = 2

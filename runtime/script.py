@@ -129,7 +129,8 @@ class ScriptDriver:
         """Run one slice on the pool. One stuck in a built-in call past its deadline is left to
         its thread, and the script fails."""
         try:
-            return await self._pool.run(step, overrun_after_s=self._isolate.overrun_after_s)
+            return await self._pool.run(step, overrun_after_s=self._isolate.overrun_after_s,
+                                        owner=self.run.record.owner)
         except SliceOverrun as overrun:
             logger.warning("run %s: a slice was still inside the engine after %g s and was abandoned; its "
                            "thread runs on until the engine stops the script", self.run.id, overrun.seconds)

@@ -15,7 +15,10 @@ running at that deadline: its caller gets :class:`SliceOverrun`, its worker toke
 to the pool, and a new thread takes the next slice. The abandoned thread runs on until the
 engine's next poll stops the script, which nothing can hasten, so it gets the lowest CPU
 priority (nice 19: it runs on what the service leaves idle) and exits when it is done. The
-threads are daemons, so an abandoned one never holds up the process's exit.
+threads are daemons, so an abandoned one never holds up the process's exit. Each slice may
+name its ``owner``: ``overrunning(owner)`` counts that owner's abandoned slices still running,
+so that the engine can stop an owner from piling up threads (and their heaps) that nothing can
+stop.
 """
 
 from __future__ import annotations
@@ -62,12 +65,13 @@ class _Job(Generic[T]):
     """One slice handed to a worker thread. ``started_at``, ``finished`` and ``abandoned``
     change under the pool's lock: a slice either finishes or is abandoned, never both."""
 
-    __slots__ = ("abandoned", "finished", "fn", "future", "pool", "started_at", "thread_id", "timer")
+    __slots__ = ("abandoned", "finished", "fn", "future", "owner", "pool", "started_at", "thread_id", "timer")
 
-    def __init__(self, pool: SlicePool, fn: Callable[[], T], future: asyncio.Future[T]) -> None:
+    def __init__(self, pool: SlicePool, fn: Callable[[], T], future: asyncio.Future[T], owner: str | None) -> None:
         self.pool = pool
         self.fn = fn
         self.future = future
+        self.owner = owner
         self.started_at: float | None = None  # time.monotonic() on its thread
         self.thread_id: int | None = None  # the kernel's id of that thread
         self.finished = False
@@ -97,6 +101,7 @@ class _Job(Generic[T]):
     def _resolve(self, outcome: tuple[bool, Any]) -> None:
         if self.abandoned:
             self.pool._overrunning -= 1
+            self.pool._count_owner(self.owner, -1)
         if self.future.done():
             return
         ok, value = outcome
@@ -127,11 +132,13 @@ class SlicePool:
         self._total = 0
         self._overruns_total = 0
         self._overrunning = 0
+        self._overrunning_by_owner: dict[str, int] = {}  # changed on the event loop only
 
-    async def run(self, fn: Callable[[], T], *, overrun_after_s: float | None = None) -> T:
+    async def run(self, fn: Callable[[], T], *, overrun_after_s: float | None = None, owner: str | None = None) -> T:
         """Run one slice on a worker thread. Cancellation waits for the slice to end: an isolate
         runs one slice at a time. With ``overrun_after_s``, a slice still running that many
-        seconds after it started is abandoned and :class:`SliceOverrun` raised."""
+        seconds after it started is abandoned and :class:`SliceOverrun` raised; it counts
+        towards ``overrunning(owner)`` until its thread is done with it."""
         self._total += 1
         # A turn first, as anyio.to_thread gives: every run that asks for a slice in this turn
         # is in the queue before any waits in it (runtime.script evicts only while none wait).
@@ -139,7 +146,7 @@ class SlicePool:
         async with self._limiter:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[T] = loop.create_future()
-            job = _Job(self, fn, future)
+            job = _Job(self, fn, future, owner)
             self._submit(job)
             if overrun_after_s is not None:
                 job.timer = loop.call_later(overrun_after_s, self._check, job, overrun_after_s)
@@ -166,7 +173,21 @@ class SlicePool:
             _lowest_priority(job.thread_id)  # under the lock: the thread cannot have gone on to another slice
         self._overruns_total += 1
         self._overrunning += 1
+        self._count_owner(job.owner, 1)
         job.future.set_exception(SliceOverrun(seconds))
+
+    def _count_owner(self, owner: str | None, change: int) -> None:
+        if owner is None:
+            return
+        count = self._overrunning_by_owner.get(owner, 0) + change
+        if count:
+            self._overrunning_by_owner[owner] = count
+        else:
+            del self._overrunning_by_owner[owner]
+
+    def overrunning(self, owner: str) -> int:
+        """How many of ``owner``'s slices were abandoned and still run on their threads."""
+        return self._overrunning_by_owner.get(owner, 0)
 
     def _submit(self, job: _Job[Any]) -> None:
         with self._lock:

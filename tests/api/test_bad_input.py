@@ -303,3 +303,26 @@ async def test_check_reports_typescript_without_rejecting_the_request(alice: htt
         first = body["errors"][0]
         assert (first["line"], first["column"]) == (2, 10)
         assert "TypeScript" in first["message"] and first["hint"]
+
+
+async def test_an_owner_with_stuck_slices_is_told_to_retry_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A script stuck inside one built-in call fails its run at the slice's deadline, but its thread
+    # runs on until the call returns: while it does, its owner's next run is refused (429 with
+    # Retry-After), and another owner's runs go on.
+    import sandbox._isolate
+
+    monkeypatch.setattr(sandbox._isolate, "OVERRUN_GRACE_S", 0.05)
+    limits = {"slice_cpu_s": 0.05, "stuck_slices_per_owner": 1}
+    with anyio.fail_after(30):
+        async with serve(tmp_path, limits=limits) as svc, svc.client("alice") as alice, svc.client("bob") as bob:
+            stuck = await alice.post("/v1/runs?wait=true", json={"script": "return Array(2 ** 25).sort().length"})
+            assert stuck.json()["status"] == "failed" and stuck.json()["error"]["name"] == "cpu_slice"
+
+            refused = await alice.post("/v1/runs", json={"script": "return 1"})
+            error = assert_error(refused, 429, "too_many_stuck_runs")
+            assert refused.headers["retry-after"] == "30"
+            assert error["details"] == {"stuck": 1}
+
+            other = await bob.post("/v1/runs?wait=true", json={"script": "return 2"})
+            assert other.json()["result"] == 2
+            assert len((await alice.get("/v1/runs")).json()["runs"]) == 1  # the refused run was never stored

@@ -41,7 +41,7 @@ import pytest
 
 from runtime import Engine, MemoryStore, RunRequest, load_settings
 from runtime.config import Settings
-from runtime.errors import ScriptRejected
+from runtime.errors import ScriptRejected, TooManyStuckRuns
 from runtime.store import EventRecord, RunRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -696,6 +696,41 @@ async def test_a_slice_stuck_in_a_built_in_is_abandoned_and_its_worker_replaced(
             assert (good_record.status, good_record.result) == ("completed", 10), good_record.error
             stats = engine.pool.statistics()
             assert stats.overruns_total == 2 and stats.running == 0
+
+
+@pytest.mark.anyio
+async def test_an_owner_whose_slices_are_stuck_starts_no_new_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stuck slice keeps its thread and its heap until the built-in call returns: an owner can
+    have at most ``limits.stuck_slices_per_owner`` of them, so scripts like this cannot pile up
+    threads. Other owners are not held back, and the owner starts runs again once its thread is
+    done."""
+    import sandbox._isolate
+
+    monkeypatch.setattr(sandbox._isolate, "OVERRUN_GRACE_S", 0.05)
+    from sandbox import SlicePool
+
+    settings = make_settings(slice_cpu_s=0.05, stuck_slices_per_owner=1)
+    with anyio.fail_after(20):
+        async with Engine(settings, MemoryStore(), recover=False, pool=SlicePool(2)) as engine:
+            stuck = await engine.submit(RunRequest(script=STUCK_SCRIPT, options=OPTIONS), owner="ann")
+            stuck_record = await engine.wait(stuck.id)
+            assert stuck_record.error is not None and stuck_record.error["name"] == "cpu_slice"
+            assert engine.pool.overrunning("ann") == 1  # its thread is still inside sort()
+
+            with pytest.raises(TooManyStuckRuns) as refused:
+                await engine.submit(RunRequest(script="return 1", options=OPTIONS), owner="ann")
+            assert refused.value.details == {"stuck": 1}
+            assert "stuck inside a single built-in call" in refused.value.message
+
+            other = await engine.wait((await engine.submit(RunRequest(script="return 2", options=OPTIONS),
+                                                           owner="bob")).id)
+            assert (other.status, other.result) == ("completed", 2)
+
+            while engine.pool.overrunning("ann"):
+                await anyio.sleep(0.01)
+            again = await engine.wait((await engine.submit(RunRequest(script="return 3", options=OPTIONS),
+                                                           owner="ann")).id)
+            assert (again.status, again.result) == ("completed", 3)
 
 
 # --- attacks that once froze the host, first tried in a child process ------------------------------

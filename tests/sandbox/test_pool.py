@@ -64,6 +64,27 @@ async def test_a_slice_past_its_deadline_is_abandoned_and_the_pool_goes_on() -> 
 
 
 @pytest.mark.anyio
+async def test_abandoned_slices_are_counted_by_owner_until_their_threads_are_done() -> None:
+    releases = [threading.Event(), threading.Event()]
+    pool = SlicePool(workers=2)
+    try:
+        with anyio.fail_after(10):
+            for release in releases:
+                with pytest.raises(SliceOverrun):
+                    await pool.run(lambda release=release: blocked_until(release), overrun_after_s=0.05, owner="ann")
+            assert await pool.run(lambda: 1, overrun_after_s=0.05, owner="bob") == 1  # in time: not counted
+            assert (pool.overrunning("ann"), pool.overrunning("bob")) == (2, 0)
+
+            releases[0].set()
+            while pool.overrunning("ann") == 2:
+                await anyio.sleep(0.01)
+            assert pool.overrunning("ann") == 1 and pool.statistics().overrunning == 1
+    finally:
+        for release in releases:
+            release.set()
+
+
+@pytest.mark.anyio
 async def test_a_slice_that_ends_in_time_keeps_its_result_and_its_errors() -> None:
     pool = SlicePool(workers=2)
     with anyio.fail_after(10):
