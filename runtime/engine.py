@@ -228,9 +228,6 @@ class Engine:
                         details={"run_id": existing.id},
                     )
                 return existing
-        stuck = self.pool.overrunning(owner)
-        if 0 < self.limits.stuck_slices_per_owner <= stuck:
-            raise TooManyStuckRuns(owner, stuck)
         options = RunOptions.parse(request.options, self.limits, default_backend=self.settings.backend_name())
         if options.effective_backend not in self.backends:
             raise InvalidRequest(
@@ -264,6 +261,9 @@ class Engine:
             raise ScriptRejected(checked.errors)
         if has_args:
             _check_args_size(args, self.limits.args_bytes)
+        stuck = self.pool.overrunning(owner)
+        if 0 < self.limits.stuck_slices_per_owner <= stuck:
+            raise TooManyStuckRuns(stuck, self.limits.stuck_slices_per_owner)
         record = RunRecord(
             id=_new_run_id(),
             owner=owner,

@@ -45,6 +45,7 @@ __all__ = [
     "ResumeConflict",
     "Unauthorized",
     "TooManyStuckRuns",
+    "stuck_slices_message",
     "ConfigError",
     "BackendError",
     "RetryableBackendError",
@@ -155,19 +156,19 @@ class Unauthorized(QuickflowError):
 
 class TooManyStuckRuns(QuickflowError):
     """The owner's runs left slices stuck inside single built-in calls, still running on their
-    threads (see ``sandbox.SlicePool``): no new run until some return."""
+    threads (see ``sandbox.SlicePool``): no new run until fewer are."""
 
     code = "too_many_stuck_runs"
     retry_after_s = 30
 
-    def __init__(self, owner: str, stuck: int) -> None:
-        super().__init__(
-            f"{stuck} slice(s) of your runs are still stuck inside a single built-in call, each "
-            "holding a thread and its JS heap until the call returns; no new run starts until "
-            "fewer are (see quickflow_slices_overrunning in /metrics)",
-            details={"stuck": stuck},
-        )
-        self.owner = owner
+    def __init__(self, stuck: int, limit: int) -> None:
+        super().__init__(stuck_slices_message(stuck, limit) + "; no new run starts until fewer are",
+                         details={"stuck": stuck, "limit": limit})
+
+
+def stuck_slices_message(stuck: int, limit: int) -> str:
+    return (f"{stuck} slice(s) of this owner's runs are stuck inside a single built-in call (the limit "
+            f"is {limit}), each holding a thread and its JS heap until the call returns")
 
 
 class ConfigError(QuickflowError):

@@ -33,6 +33,6 @@ class Limits:
     # next result rebuilds it by replaying the script. 0 keeps every context.
     evict_idle_s: float = 2.0
     # An owner whose runs have left this many slices stuck inside single built-in calls, still
-    # running on their threads, starts no new run until fewer are (each holds a thread and up to
-    # ``heap_bytes``). 0: no limit.
+    # running on their threads, gets no new run and no new slice until fewer are (each holds a
+    # thread and up to ``heap_bytes``). 0: no limit.
     stuck_slices_per_owner: int = 2

@@ -25,7 +25,9 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from sandbox import Isolate, Request, ScriptFailure, Slice, SliceOverrun, SlicePool
+from sandbox import Isolate, Request, ScriptFailure, Slice, SliceOverrun, SlicePool, SliceRefused
+
+from .errors import stuck_slices_message
 
 if TYPE_CHECKING:
     from .run import Run
@@ -127,10 +129,16 @@ class ScriptDriver:
 
     async def _slice(self, step: partial[Slice]) -> Slice:
         """Run one slice on the pool. One stuck in a built-in call past its deadline is left to
-        its thread, and the script fails."""
+        its thread, and the script fails. No slice runs while the run's owner has
+        ``limits.stuck_slices_per_owner`` such threads still running: the script fails instead,
+        so that no script, child workflow or burst of runs piles up more (see ``SlicePool.run``)."""
+        limit = self.run.limits.stuck_slices_per_owner
         try:
             return await self._pool.run(step, overrun_after_s=self._isolate.overrun_after_s,
-                                        owner=self.run.record.owner)
+                                        owner=self.run.record.owner, stuck_limit=limit)
+        except SliceRefused as refused:
+            return Slice(requests=(), finished=True,
+                         failure=ScriptFailure("limit", "stuck_slices", stuck_slices_message(refused.stuck, limit)))
         except SliceOverrun as overrun:
             logger.warning("run %s: a slice was still inside the engine after %g s and was abandoned; its "
                            "thread runs on until the engine stops the script", self.run.id, overrun.seconds)

@@ -18,7 +18,7 @@ from ._isolate import (
     spare_isolates_wanted,
 )
 from ._memory import evictions_total, release_freed_memory
-from ._pool import SliceOverrun, SlicePool, SlicePoolStatistics
+from ._pool import SliceOverrun, SlicePool, SlicePoolStatistics, SliceRefused
 from ._source import Diagnostic
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "SliceOverrun",
     "SlicePool",
     "SlicePoolStatistics",
+    "SliceRefused",
     "check_script",
     "evictions_total",
     "prepare_spare_isolate",

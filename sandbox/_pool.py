@@ -35,12 +35,20 @@ from typing import Any, Generic, TypeVar
 import anyio
 import anyio.lowlevel
 
-__all__ = ["SliceOverrun", "SlicePool", "SlicePoolStatistics"]
+__all__ = ["SliceOverrun", "SlicePool", "SlicePoolStatistics", "SliceRefused"]
 
 T = TypeVar("T")
 
 # An idle worker thread exits after this long; the next slice starts a new one.
 IDLE_EXIT_S = 10.0
+
+
+class SliceRefused(Exception):
+    """The slice's owner has ``stuck`` abandoned slices still running, its limit (see ``SlicePool.run``)."""
+
+    def __init__(self, stuck: int) -> None:
+        super().__init__(f"{stuck} abandoned slice(s) of this owner still run")
+        self.stuck = stuck
 
 
 class SliceOverrun(Exception):
@@ -134,16 +142,22 @@ class SlicePool:
         self._overrunning = 0
         self._overrunning_by_owner: dict[str, int] = {}  # changed on the event loop only
 
-    async def run(self, fn: Callable[[], T], *, overrun_after_s: float | None = None, owner: str | None = None) -> T:
+    async def run(self, fn: Callable[[], T], *, overrun_after_s: float | None = None, owner: str | None = None,
+                  stuck_limit: int = 0) -> T:
         """Run one slice on a worker thread. Cancellation waits for the slice to end: an isolate
         runs one slice at a time. With ``overrun_after_s``, a slice still running that many
         seconds after it started is abandoned and :class:`SliceOverrun` raised; it counts
-        towards ``overrunning(owner)`` until its thread is done with it."""
+        towards ``overrunning(owner)`` until its thread is done with it. With ``stuck_limit``,
+        a slice whose owner has that many abandoned slices still running when it gets a worker
+        does not run: :class:`SliceRefused`. An owner then has at most ``stuck_limit`` of them,
+        plus those of its slices that were running when the last one was abandoned."""
         self._total += 1
         # A turn first, as anyio.to_thread gives: every run that asks for a slice in this turn
         # is in the queue before any waits in it (runtime.script evicts only while none wait).
         await anyio.lowlevel.checkpoint()
         async with self._limiter:
+            if owner is not None and 0 < stuck_limit <= self.overrunning(owner):
+                raise SliceRefused(self.overrunning(owner))
             loop = asyncio.get_running_loop()
             future: asyncio.Future[T] = loop.create_future()
             job = _Job(self, fn, future, owner)

@@ -321,7 +321,7 @@ async def test_an_owner_with_stuck_slices_is_told_to_retry_later(tmp_path: Path,
             refused = await alice.post("/v1/runs", json={"script": "return 1"})
             error = assert_error(refused, 429, "too_many_stuck_runs")
             assert refused.headers["retry-after"] == "30"
-            assert error["details"] == {"stuck": 1}
+            assert error["details"] == {"stuck": 1, "limit": 1}
 
             other = await bob.post("/v1/runs?wait=true", json={"script": "return 2"})
             assert other.json()["result"] == 2

@@ -686,7 +686,8 @@ async def test_a_slice_stuck_in_a_built_in_is_abandoned_and_its_worker_replaced(
             assert cancelled_record.status == "cancelled"
 
             stuck = await engine.submit(RunRequest(script=STUCK_SCRIPT, options=OPTIONS))
-            good = await engine.submit(RunRequest(script=SEQUENTIAL_SCRIPT, options=OPTIONS))
+            # Another owner's: this one's are about to reach limits.stuck_slices_per_owner.
+            good = await engine.submit(RunRequest(script=SEQUENTIAL_SCRIPT, options=OPTIONS), owner="bob")
             stuck_record = await engine.wait(stuck.id)
             assert stuck_record.status == "failed" and stuck_record.error is not None
             assert stuck_record.error["name"] == "cpu_slice"
@@ -719,7 +720,7 @@ async def test_an_owner_whose_slices_are_stuck_starts_no_new_run(monkeypatch: py
 
             with pytest.raises(TooManyStuckRuns) as refused:
                 await engine.submit(RunRequest(script="return 1", options=OPTIONS), owner="ann")
-            assert refused.value.details == {"stuck": 1}
+            assert refused.value.details == {"stuck": 1, "limit": 1}
             assert "stuck inside a single built-in call" in refused.value.message
 
             other = await engine.wait((await engine.submit(RunRequest(script="return 2", options=OPTIONS),
@@ -731,6 +732,39 @@ async def test_an_owner_whose_slices_are_stuck_starts_no_new_run(monkeypatch: py
             again = await engine.wait((await engine.submit(RunRequest(script="return 3", options=OPTIONS),
                                                            owner="ann")).id)
             assert (again.status, again.result) == ("completed", 3)
+
+
+@pytest.mark.anyio
+async def test_an_owner_at_its_stuck_limit_gets_no_more_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refusing new runs is not enough: a burst of runs all start before any is stuck, and one run
+    can start stuck ``workflow()`` children in a loop. Each slice is refused once its owner is at
+    the limit, so an owner has at most the limit plus the slices running when the last got stuck
+    (the pool's two workers here)."""
+    import sandbox._isolate
+
+    monkeypatch.setattr(sandbox._isolate, "OVERRUN_GRACE_S", 0.05)
+    from sandbox import SlicePool
+
+    child = "export const meta = {name: 'stuck', description: 'gets stuck'}\n" + STUCK_SCRIPT
+    parent = "let failed = 0\nfor (let i = 0; i < 3; i++) { try { await workflow('stuck') } catch (e) { failed++ } }\nreturn failed"
+    settings = make_settings(slice_cpu_s=0.05, stuck_slices_per_owner=1)
+    with anyio.fail_after(30):
+        async with Engine(settings, MemoryStore(), recover=False, pool=SlicePool(2)) as engine:
+            await engine.save_workflow(child, owner="ann")
+            looping = await engine.wait((await engine.submit(RunRequest(script=parent, options=OPTIONS),
+                                                             owner="ann")).id)
+            assert looping.status == "failed" and looping.error is not None
+            assert looping.error["name"] == "stuck_slices", looping.error
+            assert engine.pool.overrunning("ann") == 1
+            while engine.pool.overrunning("ann"):
+                await anyio.sleep(0.01)
+
+            burst = [await engine.submit(RunRequest(script=STUCK_SCRIPT, options=OPTIONS), owner="ann")
+                     for _ in range(4)]
+            ended = [await engine.wait(run.id) for run in burst]
+            assert sorted(r.error["name"] for r in ended if r.error) == ["cpu_slice", "cpu_slice",
+                                                                        "stuck_slices", "stuck_slices"]
+            assert engine.pool.overrunning("ann") == 2  # the two that ran at once; no more
 
 
 # --- attacks that once froze the host, first tried in a child process ------------------------------

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 import sandbox._pool
-from sandbox import SliceOverrun, SlicePool
+from sandbox import SliceOverrun, SlicePool, SliceRefused
 
 
 def blocked_until(release: threading.Event, started: threading.Event | None = None,
@@ -74,6 +74,11 @@ async def test_abandoned_slices_are_counted_by_owner_until_their_threads_are_don
                     await pool.run(lambda release=release: blocked_until(release), overrun_after_s=0.05, owner="ann")
             assert await pool.run(lambda: 1, overrun_after_s=0.05, owner="bob") == 1  # in time: not counted
             assert (pool.overrunning("ann"), pool.overrunning("bob")) == (2, 0)
+            with pytest.raises(SliceRefused) as refused:  # at its limit: the slice does not run
+                await pool.run(lambda: pytest.fail("a refused slice ran"), owner="ann", stuck_limit=2)
+            assert refused.value.stuck == 2
+            assert await pool.run(lambda: 2, owner="ann", stuck_limit=3) == 2
+            assert await pool.run(lambda: 3, owner="bob", stuck_limit=1) == 3
 
             releases[0].set()
             while pool.overrunning("ann") == 2:
