@@ -156,8 +156,9 @@ class SlicePool:
         # is in the queue before any waits in it (runtime.script evicts only while none wait).
         await anyio.lowlevel.checkpoint()
         async with self._limiter:
-            if owner is not None and 0 < stuck_limit <= self.overrunning(owner):
-                raise SliceRefused(self.overrunning(owner))
+            stuck = self.overrunning(owner) if owner is not None else 0
+            if 0 < stuck_limit <= stuck:
+                raise SliceRefused(stuck)
             loop = asyncio.get_running_loop()
             future: asyncio.Future[T] = loop.create_future()
             job = _Job(self, fn, future, owner)
