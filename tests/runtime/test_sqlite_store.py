@@ -721,6 +721,15 @@ async def test_a_cancelled_waiter_still_gets_its_write(tmp_path: Path) -> None:
             assert [c.index for c in await store.list_calls("r")] == [7, 8]
 
 
+async def checkpointed(store: SQLiteStore, path: Path, size: int) -> None:
+    """Wait until the checkpointer has run and the database file holds ``size`` bytes (a
+    checkpoint may end before the last commit)."""
+    while store.statistics().checkpoints == 0:
+        await anyio.sleep(0.01)
+    while path.stat().st_size < size:
+        await anyio.sleep(0.01)
+
+
 @pytest.mark.anyio
 async def test_the_wal_is_checkpointed_while_the_store_is_open(tmp_path: Path) -> None:
     # The writer never checkpoints (a checkpoint's fsync would hold up every write queued behind
@@ -732,10 +741,7 @@ async def test_the_wal_is_checkpointed_while_the_store_is_open(tmp_path: Path) -
             # One burst: a group of 100 rows, the size of group the checkpointer runs after.
             store.append_events([event("r", seq, text="x" * 10_000) for seq in range(1, 100)])
             await store.save_run(run("r"))
-            while store.statistics().checkpoints == 0:
-                await anyio.sleep(0.01)
-            while path.stat().st_size < size + 99 * 10_000:  # a checkpoint may end before the last commit
-                await anyio.sleep(0.01)
+            await checkpointed(store, path, size + 99 * 10_000)
             assert len(await store.read_events("r")) == 99
 
 
@@ -750,10 +756,7 @@ async def test_small_commits_are_checkpointed_too(tmp_path: Path) -> None:
             size = path.stat().st_size
             for index in range(80):  # about 80 pages
                 await store.save_call(call("r", index, output={"text": "x" * 4000}))
-            while store.statistics().checkpoints == 0:
-                await anyio.sleep(0.01)
-            while path.stat().st_size < size + 60 * 4000:
-                await anyio.sleep(0.01)
+            await checkpointed(store, path, size + 60 * 4000)
             assert len(await store.list_calls("r")) == 80
 
 
