@@ -12,6 +12,7 @@ them: the next engine on the same store picks them up.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import logging
@@ -20,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -279,13 +280,26 @@ class Engine:
             created_at=time.time(),
             node=self.node,
         )
-        await self.store.save_run(record)
+        # The run starts while its record is saved: its first slice writes nothing, and it
+        # writes nothing else before this save is durable (see Run.drive).
+        queued = asyncio.ensure_future(self.store.save_run(record))
         run = self._make_run(record, options, checked, plan=plan)
-        run.events.emit(EventType.RUN_QUEUED, {"workflow": workflow, "resume_from": request.resume_from})
+        queued.add_done_callback(functools.partial(
+            self._saved, run, checked, {"workflow": workflow, "resume_from": request.resume_from}))
+        self._start(run, queued=queued)
+        await asyncio.shield(queued)  # a submitter that goes away leaves the run going
+        return record  # as saved: the run may be running by now
+
+    def _saved(self, run: Run, checked: CheckResult, queued_data: dict[str, Any], save: asyncio.Future[None]) -> None:
+        """Once a new run's record is saved, before anyone waiting for it: announce the run. One
+        that could not be saved never existed (its submitter has the error): forget it."""
+        if save.cancelled() or save.exception() is not None:
+            run.discard()
+            self._runs.pop(run.id, None)
+            return
+        run.events.emit(EventType.RUN_QUEUED, queued_data)
         for warning in checked.warnings:
             run.warn(f"{warning.line}:{warning.column}: {warning.message}")
-        self._start(run)
-        return run.record
 
     def _make_run(
         self,
@@ -306,10 +320,10 @@ class Engine:
         self._runs[record.id] = run
         return run
 
-    def _start(self, run: Run) -> None:
+    def _start(self, run: Run, *, queued: Awaitable[None] | None = None) -> None:
         if self._tg is None:
             raise RuntimeError("the engine is not running: use `async with Engine(...)`")
-        self._tg.start_soon(self._drive, run, name=f"run {run.id}")
+        self._tg.start_soon(self._drive, run, queued, name=f"run {run.id}")
 
     def _top_up_isolates(self) -> None:
         """Called once a run's first slice is done: the spares are prepared after a run ends
@@ -318,9 +332,9 @@ class Engine:
             self._run_ended = anyio.Event()
             self._tg.start_soon(self._prepare_isolates, self._run_ended)
 
-    async def _drive(self, run: Run) -> None:
+    async def _drive(self, run: Run, queued: Awaitable[None] | None) -> None:
         try:
-            await self._drive_inner(run)
+            await self._drive_inner(run, queued)
         finally:
             if self._run_ended is not None:
                 self._run_ended.set()
@@ -329,10 +343,12 @@ class Engine:
                 while len(self._finished) > KEEP_FINISHED:
                     self._runs.pop(self._finished.pop(0), None)
 
-    async def _drive_inner(self, run: Run) -> None:
+    async def _drive_inner(self, run: Run, queued: Awaitable[None] | None) -> None:
         try:
-            await run.drive()
+            await run.drive(queued=queued)
         except Exception:  # a bug must end this run, not the service
+            if run.discarded:
+                return  # never saved: its submitter has the error
             logger.exception("run %s crashed", run.id)
             with anyio.CancelScope(shield=True):
                 try:

@@ -131,6 +131,7 @@ class Run:
         self.phases: dict[str, PhaseStats] = {title: PhaseStats(title) for title in phases}
         self.done = anyio.Event()
         self.archived = False  # ended, and its agents and events are only in the store (see _archive)
+        self.discarded = False  # its first record could not be saved (see discard)
 
     @property
     def id(self) -> str:
@@ -142,14 +143,32 @@ class Run:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def drive(self) -> None:
-        """Run the script to a terminal status. Engine shutdown cancels this without ending the run."""
+    async def drive(self, *, queued: Awaitable[None] | None = None) -> None:
+        """Run the script to a terminal status. Engine shutdown cancels this without ending the run.
+
+        The run's record is saved as running while the script's first slice runs, which writes
+        nothing; the script's requests wait for that save. ``queued`` is the save of the run's
+        first record, still in flight (see ``Engine.submit``): nothing of the run is written
+        before it is durable, and if it fails the run is discarded.
+        """
         started = time.time()
-        was_paused = self.status is RunStatus.PAUSED  # recovered after a restart while paused
-        await self._set_status(RunStatus.RUNNING, started_at=self.record.started_at or started)
-        self.events.emit(EventType.RUN_STARTED, {"recovered": self._recovering})
-        if was_paused:
+
+        async def start_running() -> None:
+            if queued is not None:
+                await queued  # if it fails, the engine has discarded the run
+            self._change_status(RunStatus.RUNNING, started_at=self.record.started_at or started)
+            self.events.emit(EventType.RUN_STARTED, {"recovered": self._recovering})
+            # Not waited for: the writes that follow are committed after it, and recovery
+            # treats a queued run as a running one.
+            assert self.workers.tg is not None
+            self.workers.tg.start_soon(self._save_record, self.record)
+
+        ready: Callable[[], Awaitable[None]] | None = start_running
+        if self.status is RunStatus.PAUSED:  # recovered after a restart while paused: no slice before the pause
+            await self._set_status(RunStatus.RUNNING, started_at=self.record.started_at or started)
+            self.events.emit(EventType.RUN_STARTED, {"recovered": self._recovering})
             await self.pause()
+            ready = None
         failure: ScriptFailure | None = None
         result: Any = None
         with anyio.CancelScope() as scope:
@@ -158,7 +177,7 @@ class Run:
                 async with anyio.create_task_group() as tg:
                     self.workers.tg = tg  # the run's agent workers
                     driver = self._driver(self.body, args=self.record.args, has_args=self.record.has_args)
-                    final = await driver.execute()
+                    final = await driver.execute(ready=ready)
                     failure, result = final.failure, final.result
                     tg.cancel_scope.cancel()  # agents the script started but never awaited
             if deadline.cancelled_caught:
@@ -169,6 +188,12 @@ class Run:
             return  # cancelled from outside (shutdown); the enclosing cancellation propagates
         with anyio.CancelScope(shield=True):
             await self.finish(failure, result)
+
+    def discard(self) -> None:
+        """The run's first record could not be saved: the run never existed, and its submitter
+        gets the error. Those already waiting for it are released."""
+        self.discarded = True
+        self.abandon(ScriptFailure("internal", "StoreError", "the run could not be saved"))
 
     def abandon(self, failure: ScriptFailure) -> None:
         """The run's end could not be saved (the store failed): end it in memory only, so that
@@ -257,12 +282,22 @@ class Run:
         """Change the status, tell followers (``event``), then save the record. Everything but
         the save happens at once: a control that comes in while it is saved sees the new status.
         The event is committed with the record or before it, never after."""
-        self.status = status
-        self.record = replace(self.record, status=status.value, **changes)
-        self.record = replace(self.record, usage=self.summary())  # its duration needs the new timestamps
+        self._change_status(status, **changes)
         if event is not None:
             self.events.emit(event, {})
         await self.ctx.store.save_run(self.record)
+
+    def _change_status(self, status: RunStatus, **changes: Any) -> None:
+        self.status = status
+        self.record = replace(self.record, status=status.value, **changes)
+        self.record = replace(self.record, usage=self.summary())  # its duration needs the new timestamps
+
+    async def _save_record(self, record: RunRecord) -> None:
+        """Save a record without holding up the run, which fails if it cannot be saved."""
+        try:
+            await self.ctx.store.save_run(record)
+        except Exception as exc:
+            self._journal_failed(exc)
 
     def _driver(self, body: str, *, args: Any, has_args: bool, depth: int = 0, group: str | None = None) -> Any:
         from .script import ScriptDriver
@@ -654,9 +689,10 @@ class Run:
         self.ctx.store.journal_call(call.record(self.id, status), durable)
 
     def _journal_failed(self, error: BaseException) -> None:
-        """A journal entry could not be written: the run cannot keep its promise and fails."""
+        """A journal entry (or the running record) could not be written: the run cannot keep its
+        promise and fails."""
         if self._journal_error is None:
-            logger.error("run %s: journaling an agent failed: %s", self.id, error)
+            logger.error("run %s: a write to the journal failed: %s", self.id, error)
             self._journal_error = error
             if self._cancel_scope is not None:
                 self._cancel_scope.cancel()

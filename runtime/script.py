@@ -17,7 +17,7 @@ import asyncio
 import heapq
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -85,12 +85,16 @@ class ScriptDriver:
         self._done = False
         self._tg: TaskGroup | None = None
 
-    async def execute(self) -> Slice:
-        """Run the script to its end; the final slice holds the result or the failure."""
+    async def execute(self, *, ready: Callable[[], Awaitable[None]] | None = None) -> Slice:
+        """Run the script to its end; the final slice holds the result or the failure.
+
+        ``ready`` is awaited while the first slice runs, and before any of the script's requests
+        is handled: the run saves its status meanwhile (see ``Run.drive``). If it raises, that
+        is raised once the slice is done, and no request is handled."""
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                final = await self._drive()
+                final = await self._drive(ready)
                 tg.cancel_scope.cancel()
             return final
         finally:
@@ -100,8 +104,9 @@ class ScriptDriver:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    async def _drive(self) -> Slice:
-        current = await self._slice(partial(self._isolate.start, self._body, self._config))
+    async def _drive(self, ready: Callable[[], Awaitable[None]] | None) -> Slice:
+        start = partial(self._isolate.start, self._body, self._config)
+        current = await self._slice(start) if ready is None else await self._beside(start, ready)
         self.run.ctx.isolate_started()
         handled: asyncio.Future[None] | None = None
         while True:
@@ -126,6 +131,24 @@ class ScriptDriver:
             batch, self._inbox = self._inbox, []
             handled, self._batch_handled = self._batch_handled, None
             current = await self._slice(partial(self._isolate.settle, batch, self.run.js_state()))
+
+    async def _beside(self, step: partial[Slice], ready: Callable[[], Awaitable[None]]) -> Slice:
+        """One slice, with ``ready`` awaited meanwhile; its error is raised after the slice."""
+        error: Exception | None = None
+
+        async def wait_ready() -> None:
+            nonlocal error
+            try:
+                await ready()
+            except Exception as exc:  # raised below, once the slice is done
+                error = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_ready)
+            current = await self._slice(step)
+        if error is not None:
+            raise error
+        return current
 
     async def _slice(self, step: partial[Slice]) -> Slice:
         """Run one slice on the pool. One stuck in a built-in call past its deadline is left to

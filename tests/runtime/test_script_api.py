@@ -25,7 +25,7 @@ from runtime.backends import AgentRequest, AgentResult
 from runtime.engine import CHECKED_SCRIPT_CHARS, CHECKED_SCRIPTS
 from runtime.scheduling import CALLS_AHEAD_OF_JOURNAL
 from runtime.calls import default_label
-from runtime.errors import InvalidAgentState, ScriptRejected
+from runtime.errors import Conflict, InvalidAgentState, ScriptRejected
 from runtime.store import SQLiteStore
 
 from .sqlite_lock import WriteLock
@@ -808,6 +808,83 @@ async def test_a_pause_that_lands_while_a_resume_is_saved_keeps_the_run_paused()
             await engine.resume(record.id)
             record = await engine.wait(record.id)
     assert record.status == "completed" and record.result == 8
+
+
+class GatedFirstSave(MemoryStore):
+    """A store whose first run record waits at ``gate`` before it is saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = anyio.Event()
+        self.gated: str | None = None  # the id of the run whose save waits
+
+    async def save_run(self, run: RunRecord) -> None:
+        if self.gated is None:
+            self.gated = run.id
+            await self.gate.wait()
+        await super().save_run(run)
+
+
+async def test_a_runs_first_slice_runs_while_its_record_is_saved_and_nothing_else_happens_before() -> None:
+    # A run starts as it is saved: its first slice writes nothing. What the script asked for
+    # (an agent, a log line) waits until the run's record is durable.
+    store, backend = GatedFirstSave(), SimulateBackend()
+    submitted: list[RunRecord] = []
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), store, backends={"simulate": backend}, recover=False) as engine:
+            async with anyio.create_task_group() as tg:
+
+                async def submit() -> None:
+                    submitted.append(await engine.submit(RunRequest(script="log('hi'); return await agent('a')")))
+
+                tg.start_soon(submit)
+                while not (engine.pool.statistics().slices_total and not engine.pool.statistics().running):
+                    await anyio.sleep(0.001)
+                await anyio.sleep(0.05)  # anything the slice asked for would happen now
+                assert not submitted and backend.executions == 0
+                assert store.gated is not None and await store.list_runs() == []
+                assert await store.read_events(store.gated) == []
+                store.gate.set()
+            record = await engine.wait(submitted[0].id)
+    assert record.status == "completed" and backend.executions == 1
+    types = [event.type for event in await store.read_events(record.id)]
+    assert types[:3] == ["run.queued", "run.started", "log"]
+
+
+async def test_a_run_whose_record_cannot_be_saved_leaves_nothing_behind(tmp_path: Path) -> None:
+    # Two requests with one idempotency key at once: both pass the lookup, and the second
+    # record's save fails. Its run had started meanwhile: it must not run an agent or write a
+    # row, and the submitter gets the conflict.
+    backend = SimulateBackend()
+    store = await SQLiteStore.open(tmp_path / "q.db")
+    outcomes: list[RunRecord | Exception] = []
+    script = "return await agent('only one of us')"
+    try:
+        with anyio.fail_after(20):
+            async with Engine(load_settings(), store, backends={"simulate": backend}, recover=False) as engine:
+
+                async def submit() -> None:
+                    try:
+                        outcomes.append(await engine.submit(RunRequest(script=script, idempotency_key="same")))
+                    except Exception as exc:
+                        outcomes.append(exc)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(submit)
+                    tg.start_soon(submit)
+                saved = [o for o in outcomes if isinstance(o, RunRecord)]
+                refused = [o for o in outcomes if not isinstance(o, RunRecord)]
+                assert len(saved) == 1 and len(refused) == 1, outcomes
+                assert isinstance(refused[0], Conflict)
+                record = await engine.wait(saved[0].id)
+                await anyio.sleep(0.1)  # what the discarded run might still write
+                discarded = refused[0].details["run_id"]
+                assert [run.id for run in await store.list_runs()] == [record.id]
+                assert await store.read_events(discarded) == [] and await store.list_calls(discarded) == []
+                assert engine.live(discarded) is None
+        assert record.status == "completed" and backend.executions == 1
+    finally:
+        await store.aclose()
 
 
 async def test_a_follower_behind_when_the_run_ends_still_gets_every_event() -> None:
