@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -219,16 +219,9 @@ class Engine:
     async def submit(self, request: RunRequest, *, owner: str = "local") -> RunRecord:
         """Validate and start a run. Raises ScriptRejected, InvalidRequest, NotFound, ResumeConflict or
         TooManyStuckRuns."""
-        if request.idempotency_key:
-            existing = await self.store.find_run_by_idempotency_key(owner, request.idempotency_key)
-            if existing is not None:
-                if _differs(existing, request):
-                    raise Conflict(
-                        f"idempotency key {request.idempotency_key!r} was used for run {existing.id} with a "
-                        "different script, workflow or args; use a new key for a new request",
-                        details={"run_id": existing.id},
-                    )
-                return existing
+        existing = await self._same_request(owner, request)
+        if existing is not None:
+            return existing
         options = RunOptions.parse(request.options, self.limits, default_backend=self.settings.backend_name())
         if options.effective_backend not in self.backends:
             raise InvalidRequest(
@@ -284,11 +277,34 @@ class Engine:
         # writes nothing else before this save is durable (see Run.drive).
         queued = asyncio.ensure_future(self.store.save_run(record))
         run = self._make_run(record, options, checked, plan=plan)
+        # Registered first, so the run is announced (run.queued) before the run or the
+        # submitter go on.
         queued.add_done_callback(functools.partial(
             self._saved, run, checked, {"workflow": workflow, "resume_from": request.resume_from}))
         self._start(run, queued=queued)
-        await asyncio.shield(queued)  # a submitter that goes away leaves the run going
+        try:
+            await asyncio.shield(queued)  # a submitter that goes away leaves the run going
+        except Conflict:
+            # The same key in a request that came in meanwhile, whose run was saved first.
+            existing = await self._same_request(owner, request)
+            if existing is None:
+                raise
+            return existing
         return record  # as saved: the run may be running by now
+
+    async def _same_request(self, owner: str, request: RunRequest) -> RunRecord | None:
+        """The owner's run saved with the request's idempotency key, if the request is the same
+        as that run's; Conflict if it is not."""
+        if not request.idempotency_key:
+            return None
+        existing = await self.store.find_run_by_idempotency_key(owner, request.idempotency_key)
+        if existing is not None and _differs(existing, request):
+            raise Conflict(
+                f"idempotency key {request.idempotency_key!r} was used for run {existing.id} with a "
+                "different script, workflow or args; use a new key for a new request",
+                details={"run_id": existing.id},
+            )
+        return existing
 
     def _saved(self, run: Run, checked: CheckResult, queued_data: dict[str, Any], save: asyncio.Future[None]) -> None:
         """Once a new run's record is saved, before anyone waiting for it: announce the run. One
@@ -320,7 +336,7 @@ class Engine:
         self._runs[record.id] = run
         return run
 
-    def _start(self, run: Run, *, queued: Awaitable[None] | None = None) -> None:
+    def _start(self, run: Run, *, queued: asyncio.Future[None] | None = None) -> None:
         if self._tg is None:
             raise RuntimeError("the engine is not running: use `async with Engine(...)`")
         self._tg.start_soon(self._drive, run, queued, name=f"run {run.id}")
@@ -332,18 +348,18 @@ class Engine:
             self._run_ended = anyio.Event()
             self._tg.start_soon(self._prepare_isolates, self._run_ended)
 
-    async def _drive(self, run: Run, queued: Awaitable[None] | None) -> None:
+    async def _drive(self, run: Run, queued: asyncio.Future[None] | None) -> None:
         try:
             await self._drive_inner(run, queued)
         finally:
             if self._run_ended is not None:
                 self._run_ended.set()
-            if run.status.terminal:
+            if run.status.terminal and not run.discarded:
                 self._finished.append(run.id)
                 while len(self._finished) > KEEP_FINISHED:
                     self._runs.pop(self._finished.pop(0), None)
 
-    async def _drive_inner(self, run: Run, queued: Awaitable[None] | None) -> None:
+    async def _drive_inner(self, run: Run, queued: asyncio.Future[None] | None) -> None:
         try:
             await run.drive(queued=queued)
         except Exception:  # a bug must end this run, not the service

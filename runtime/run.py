@@ -55,6 +55,15 @@ PREVIEW_CHARS = 200
 _JOURNALING = "finished, its result being journaled"
 
 
+async def _saved(save: asyncio.Future[None]) -> bool:
+    """Whether a save in flight succeeded, once it is done (its error is the submitter's)."""
+    try:
+        await asyncio.shield(save)
+    except Exception:
+        return False
+    return True
+
+
 def _preview(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
@@ -132,6 +141,7 @@ class Run:
         self.done = anyio.Event()
         self.archived = False  # ended, and its agents and events are only in the store (see _archive)
         self.discarded = False  # its first record could not be saved (see discard)
+        self._running_save: asyncio.Future[None] | None = None  # see drive
 
     @property
     def id(self) -> str:
@@ -143,25 +153,27 @@ class Run:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def drive(self, *, queued: Awaitable[None] | None = None) -> None:
+    async def drive(self, *, queued: asyncio.Future[None] | None = None) -> None:
         """Run the script to a terminal status. Engine shutdown cancels this without ending the run.
 
-        The run's record is saved as running while the script's first slice runs, which writes
-        nothing; the script's requests wait for that save. ``queued`` is the save of the run's
-        first record, still in flight (see ``Engine.submit``): nothing of the run is written
-        before it is durable, and if it fails the run is discarded.
+        The script's first slice writes nothing, so it runs while the run's record is saved.
+        ``queued`` is the save of the run's first record, still in flight (see
+        ``Engine.submit``): the run writes nothing and handles none of the script's requests
+        before it is durable, and ends without a trace if it fails (the run is discarded). The
+        running record is saved without holding the run up (see ``_set_status``).
         """
         started = time.time()
 
         async def start_running() -> None:
             if queued is not None:
-                await queued  # if it fails, the engine has discarded the run
+                await asyncio.shield(queued)  # if it fails, the engine has discarded the run
             self._change_status(RunStatus.RUNNING, started_at=self.record.started_at or started)
             self.events.emit(EventType.RUN_STARTED, {"recovered": self._recovering})
-            # Not waited for: the writes that follow are committed after it, and recovery
-            # treats a queued run as a running one.
-            assert self.workers.tg is not None
-            self.workers.tg.start_soon(self._save_record, self.record)
+            # Recovery treats a queued run as a running one, so the script need not wait for
+            # this save. Its write is queued on the task's first step, in a later turn: a
+            # status change meanwhile would be saved first, and then overwritten by this one
+            # without the wait in _set_status.
+            self._running_save = asyncio.ensure_future(self._save_record(self.record))
 
         ready: Callable[[], Awaitable[None]] | None = start_running
         if self.status is RunStatus.PAUSED:  # recovered after a restart while paused: no slice before the pause
@@ -187,6 +199,8 @@ class Run:
         if scope.cancelled_caught and not self._user_cancelled:
             return  # cancelled from outside (shutdown); the enclosing cancellation propagates
         with anyio.CancelScope(shield=True):
+            if queued is not None and not await _saved(queued):
+                return  # discarded: never saved, and its submitter has the error
             await self.finish(failure, result)
 
     def discard(self) -> None:
@@ -285,6 +299,8 @@ class Run:
         self._change_status(status, **changes)
         if event is not None:
             self.events.emit(event, {})
+        if self._running_save is not None:  # saved after the running record, never before
+            await asyncio.shield(self._running_save)
         await self.ctx.store.save_run(self.record)
 
     def _change_status(self, status: RunStatus, **changes: Any) -> None:

@@ -89,8 +89,9 @@ class ScriptDriver:
         """Run the script to its end; the final slice holds the result or the failure.
 
         ``ready`` is awaited while the first slice runs, and before any of the script's requests
-        is handled: the run saves its status meanwhile (see ``Run.drive``). If it raises, that
-        is raised once the slice is done, and no request is handled."""
+        is handled: the run's record is saved meanwhile (see ``Run.drive``). If it raises, no
+        request is handled, and its error leaves once the slice is done (in the ExceptionGroup
+        of this task group)."""
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg

@@ -851,37 +851,93 @@ async def test_a_runs_first_slice_runs_while_its_record_is_saved_and_nothing_els
     assert types[:3] == ["run.queued", "run.started", "log"]
 
 
-async def test_a_run_whose_record_cannot_be_saved_leaves_nothing_behind(tmp_path: Path) -> None:
-    # Two requests with one idempotency key at once: both pass the lookup, and the second
-    # record's save fails. Its run had started meanwhile: it must not run an agent or write a
-    # row, and the submitter gets the conflict.
+async def test_a_run_whose_deadline_passes_while_its_record_is_saved_is_saved_and_fails() -> None:
+    # The deadline cancels the run while its first record is still being saved: that save must
+    # go on (the submitter gets the record, not a cancellation), and the run ends as timed out.
+    store = GatedFirstSave()
+    submitted: list[RunRecord] = []
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), store, recover=False) as engine:
+            async with anyio.create_task_group() as tg:
+
+                async def submit() -> None:
+                    submitted.append(await engine.submit(RunRequest(script="return await agent('a')",
+                                                                    options={"timeout_s": 0.05})))
+
+                tg.start_soon(submit)
+                await anyio.sleep(0.3)  # well past the deadline
+                store.gate.set()
+            record = await engine.wait(submitted[0].id)
+    assert submitted[0].status == "queued"
+    assert record.status == "failed" and record.error is not None and record.error["name"] == "timeout"
+    assert (await store.get_run(record.id)) == record
+    types = [event.type for event in await store.read_events(record.id)]
+    assert types[0] == "run.queued" and types[-1] == "run.failed"
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+async def test_a_pause_right_after_the_start_is_what_the_store_keeps(tmp_path: Path, turns: int) -> None:
+    # The running record is saved without holding the run up. A pause that comes in before
+    # that save is queued must still be the last word in the store: after a crash, a run the
+    # store showed running would be recovered and start its agents.
+    store = await SQLiteStore.open(tmp_path / "q.db")
+    try:
+        with anyio.fail_after(20):
+            async with Engine(load_settings(), store, recover=False) as engine:
+                record = await engine.submit(RunRequest(script="return await agent('a')",
+                                                        options={"simulate": {"latency_ms": 300}}))
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                run = engine.live(record.id)
+                assert run is not None
+                while run.status.value == "queued":
+                    await asyncio.sleep(0)
+                await engine.pause(record.id)
+                await anyio.sleep(0.2)  # every save queued so far is committed
+                stored = await store.get_run(record.id)
+                assert stored is not None and stored.status == "paused"
+                await engine.resume(record.id)
+                record = await engine.wait(record.id)
+    finally:
+        await store.aclose()
+    assert record.status == "completed"
+
+
+async def test_two_requests_with_one_idempotency_key_at_once_get_one_run(tmp_path: Path) -> None:
+    # Both pass the lookup, and the second record's save fails on the key. Its run had started
+    # meanwhile: it must not run an agent or write a row, and its submitter gets the run that
+    # was saved, as a request with that key after it would.
     backend = SimulateBackend()
     store = await SQLiteStore.open(tmp_path / "q.db")
-    outcomes: list[RunRecord | Exception] = []
+    saved: list[RunRecord] = []
     script = "return await agent('only one of us')"
+    run_ids: list[str] = []
+    save_run = store.save_run
+
+    async def save_and_note(run: RunRecord) -> None:
+        run_ids.append(run.id)
+        await save_run(run)
+
+    store.save_run = save_and_note  # type: ignore[method-assign]
     try:
         with anyio.fail_after(20):
             async with Engine(load_settings(), store, backends={"simulate": backend}, recover=False) as engine:
 
                 async def submit() -> None:
-                    try:
-                        outcomes.append(await engine.submit(RunRequest(script=script, idempotency_key="same")))
-                    except Exception as exc:
-                        outcomes.append(exc)
+                    saved.append(await engine.submit(RunRequest(script=script, idempotency_key="same")))
 
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(submit)
                     tg.start_soon(submit)
-                saved = [o for o in outcomes if isinstance(o, RunRecord)]
-                refused = [o for o in outcomes if not isinstance(o, RunRecord)]
-                assert len(saved) == 1 and len(refused) == 1, outcomes
-                assert isinstance(refused[0], Conflict)
+                assert len({record.id for record in saved}) == 1 and len(set(run_ids)) == 2
                 record = await engine.wait(saved[0].id)
                 await anyio.sleep(0.1)  # what the discarded run might still write
-                discarded = refused[0].details["run_id"]
+                discarded = next(run_id for run_id in run_ids if run_id != record.id)
                 assert [run.id for run in await store.list_runs()] == [record.id]
                 assert await store.read_events(discarded) == [] and await store.list_calls(discarded) == []
                 assert engine.live(discarded) is None
+                with pytest.raises(Conflict, match="different script"):
+                    await engine.submit(RunRequest(script="return 2", idempotency_key="same"))
         assert record.status == "completed" and backend.executions == 1
     finally:
         await store.aclose()
