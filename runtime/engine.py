@@ -313,9 +313,12 @@ class Engine:
             run.discard()
             self._runs.pop(run.id, None)
             return
-        run.events.emit(EventType.RUN_QUEUED, queued_data)
-        for warning in checked.warnings:
-            run.warn(f"{warning.line}:{warning.column}: {warning.message}")
+        try:
+            run.events.emit(EventType.RUN_QUEUED, queued_data)
+            for warning in checked.warnings:
+                run.warn(f"{warning.line}:{warning.column}: {warning.message}")
+        except RuntimeError as exc:  # the store closed meanwhile: the service is stopping
+            logger.warning("run %s: its start could not be recorded: %s", run.id, exc)
 
     def _make_run(
         self,

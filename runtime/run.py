@@ -162,6 +162,15 @@ class Run:
         before it is durable, and ends without a trace if it fails (the run is discarded). The
         running record is saved without holding the run up (see ``_set_status``).
         """
+        try:
+            await self._drive_script(queued)
+        except Exception:
+            if queued is not None:  # the engine records the crash: not before the first record
+                with anyio.CancelScope(shield=True):
+                    await _saved(queued)
+            raise
+
+    async def _drive_script(self, queued: asyncio.Future[None] | None) -> None:
         started = time.time()
 
         async def start_running() -> None:

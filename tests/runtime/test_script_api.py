@@ -19,6 +19,7 @@ import anyio
 import pytest
 import regex
 
+import sandbox._isolate as sandbox_isolate
 from runtime import events as events_module
 from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, SimulateBackend, load_settings, schema
 from runtime.backends import AgentRequest, AgentResult
@@ -873,6 +874,64 @@ async def test_a_run_whose_deadline_passes_while_its_record_is_saved_is_saved_an
     assert (await store.get_run(record.id)) == record
     types = [event.type for event in await store.read_events(record.id)]
     assert types[0] == "run.queued" and types[-1] == "run.failed"
+
+
+async def test_a_run_that_crashes_while_its_record_is_saved_is_recorded_after_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug in the first slice ends the run as crashed, but only once its first record is
+    # saved: a failed record written first would be overwritten by the queued one, and the run
+    # recovered and run again at the next start.
+    def crash(self: Any, body: str, config: Any) -> Any:
+        raise RuntimeError("a bug in the first slice")
+
+    monkeypatch.setattr(sandbox_isolate.Isolate, "start", crash)
+    store = GatedFirstSave()
+    submitted: list[RunRecord] = []
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), store, recover=False) as engine:
+            async with anyio.create_task_group() as tg:
+
+                async def submit() -> None:
+                    submitted.append(await engine.submit(RunRequest(script="return 1")))
+
+                tg.start_soon(submit)
+                await anyio.sleep(0.2)
+                assert store.gated is not None and await store.list_runs() == []
+                assert await store.read_events(store.gated) == []
+                store.gate.set()
+            record = await engine.wait(submitted[0].id)
+    assert record.status == "failed" and (await store.get_run(record.id)) == record
+    types = [event.type for event in await store.read_events(record.id)]
+    assert types[0] == "run.queued" and types[-1] == "run.failed"
+
+
+async def test_a_store_that_closes_while_a_run_is_saved_leaves_no_error_to_the_loop(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The service stops while a new run's record waits at SQLite's lock: the record is committed
+    # as the store closes, and the run's start can no longer be recorded. That is logged, not
+    # raised in an event-loop callback.
+    path = tmp_path / "q.db"
+    store = await SQLiteStore.open(path)
+    lock = WriteLock(path)
+    submitted: list[RunRecord] = []
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as outer:
+                async with Engine(load_settings(), store, recover=False) as engine:
+                    await lock.acquire()
+
+                    async def submit() -> None:
+                        submitted.append(await engine.submit(RunRequest(script="return 1")))
+
+                    outer.start_soon(submit)
+                    await anyio.sleep(0.1)
+                outer.start_soon(store.aclose)
+                await anyio.sleep(0.05)
+                await lock.release()
+    finally:
+        await lock.aclose()
+    assert [record.status for record in submitted] == ["queued"]
+    assert any("its start could not be recorded" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("turns", [0, 1, 2, 3])
