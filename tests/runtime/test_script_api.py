@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -826,27 +827,44 @@ class GatedFirstSave(MemoryStore):
         await super().save_run(run)
 
 
+async def submit_behind_the_gate(engine: Engine, store: GatedFirstSave, request: RunRequest,
+                                 meanwhile: Callable[[], Awaitable[None]]) -> tuple[RunRecord, RunRecord]:
+    """Submit while ``store`` holds the run's record back, let it through once ``meanwhile``
+    returns: the record submit() returned, and the run's final one."""
+    submitted: list[RunRecord] = []
+
+    async def submit() -> None:
+        submitted.append(await engine.submit(request))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(submit)
+        await meanwhile()
+        assert not submitted, "submit() returned before the run's record was saved"
+        store.gate.set()
+    return submitted[0], await engine.wait(submitted[0].id)
+
+
+async def nothing_stored_for_the_gated_run(store: GatedFirstSave) -> None:
+    assert store.gated is not None and await store.list_runs() == []
+    assert await store.read_events(store.gated) == []
+
+
 async def test_a_runs_first_slice_runs_while_its_record_is_saved_and_nothing_else_happens_before() -> None:
     # A run starts as it is saved: its first slice writes nothing. What the script asked for
     # (an agent, a log line) waits until the run's record is durable.
     store, backend = GatedFirstSave(), SimulateBackend()
-    submitted: list[RunRecord] = []
+
+    async def after_the_first_slice() -> None:
+        while not (engine.pool.statistics().slices_total and not engine.pool.statistics().running):
+            await anyio.sleep(0.001)
+        await anyio.sleep(0.05)  # anything the slice asked for would happen now
+        assert backend.executions == 0
+        await nothing_stored_for_the_gated_run(store)
+
     with anyio.fail_after(20):
         async with Engine(load_settings(), store, backends={"simulate": backend}, recover=False) as engine:
-            async with anyio.create_task_group() as tg:
-
-                async def submit() -> None:
-                    submitted.append(await engine.submit(RunRequest(script="log('hi'); return await agent('a')")))
-
-                tg.start_soon(submit)
-                while not (engine.pool.statistics().slices_total and not engine.pool.statistics().running):
-                    await anyio.sleep(0.001)
-                await anyio.sleep(0.05)  # anything the slice asked for would happen now
-                assert not submitted and backend.executions == 0
-                assert store.gated is not None and await store.list_runs() == []
-                assert await store.read_events(store.gated) == []
-                store.gate.set()
-            record = await engine.wait(submitted[0].id)
+            _, record = await submit_behind_the_gate(
+                engine, store, RunRequest(script="log('hi'); return await agent('a')"), after_the_first_slice)
     assert record.status == "completed" and backend.executions == 1
     types = [event.type for event in await store.read_events(record.id)]
     assert types[:3] == ["run.queued", "run.started", "log"]
@@ -856,20 +874,16 @@ async def test_a_run_whose_deadline_passes_while_its_record_is_saved_is_saved_an
     # The deadline cancels the run while its first record is still being saved: that save must
     # go on (the submitter gets the record, not a cancellation), and the run ends as timed out.
     store = GatedFirstSave()
-    submitted: list[RunRecord] = []
+
+    async def past_the_deadline() -> None:
+        await anyio.sleep(0.3)
+
     with anyio.fail_after(20):
         async with Engine(load_settings(), store, recover=False) as engine:
-            async with anyio.create_task_group() as tg:
-
-                async def submit() -> None:
-                    submitted.append(await engine.submit(RunRequest(script="return await agent('a')",
-                                                                    options={"timeout_s": 0.05})))
-
-                tg.start_soon(submit)
-                await anyio.sleep(0.3)  # well past the deadline
-                store.gate.set()
-            record = await engine.wait(submitted[0].id)
-    assert submitted[0].status == "queued"
+            submitted, record = await submit_behind_the_gate(
+                engine, store, RunRequest(script="return await agent('a')", options={"timeout_s": 0.05}),
+                past_the_deadline)
+    assert submitted.status == "queued"
     assert record.status == "failed" and record.error is not None and record.error["name"] == "timeout"
     assert (await store.get_run(record.id)) == record
     types = [event.type for event in await store.read_events(record.id)]
@@ -886,20 +900,14 @@ async def test_a_run_that_crashes_while_its_record_is_saved_is_recorded_after_it
 
     monkeypatch.setattr(sandbox_isolate.Isolate, "start", crash)
     store = GatedFirstSave()
-    submitted: list[RunRecord] = []
+
+    async def after_the_crash() -> None:
+        await anyio.sleep(0.2)
+        await nothing_stored_for_the_gated_run(store)
+
     with anyio.fail_after(20):
         async with Engine(load_settings(), store, recover=False) as engine:
-            async with anyio.create_task_group() as tg:
-
-                async def submit() -> None:
-                    submitted.append(await engine.submit(RunRequest(script="return 1")))
-
-                tg.start_soon(submit)
-                await anyio.sleep(0.2)
-                assert store.gated is not None and await store.list_runs() == []
-                assert await store.read_events(store.gated) == []
-                store.gate.set()
-            record = await engine.wait(submitted[0].id)
+            _, record = await submit_behind_the_gate(engine, store, RunRequest(script="return 1"), after_the_crash)
     assert record.status == "failed" and (await store.get_run(record.id)) == record
     types = [event.type for event in await store.read_events(record.id)]
     assert types[0] == "run.queued" and types[-1] == "run.failed"
