@@ -275,12 +275,15 @@ class Engine:
         )
         # The run starts while its record is saved: its first slice writes nothing, and it
         # writes nothing else before this save is durable (see Run.drive).
-        queued = asyncio.ensure_future(self.store.save_run(record))
         run = self._make_run(record, options, checked, plan=plan)
-        # Registered first, so the run is announced (run.queued) before the run or the
-        # submitter go on.
-        queued.add_done_callback(functools.partial(
-            self._saved, run, checked, {"workflow": workflow, "resume_from": request.resume_from}))
+        queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        announce = functools.partial(self._saved, run, checked, {"workflow": workflow,
+                                                                  "resume_from": request.resume_from}, queued)
+        try:
+            self.store.save_run_soon(record, announce)
+        except Exception:
+            self._runs.pop(run.id, None)
+            raise
         self._start(run, queued=queued)
         try:
             await asyncio.shield(queued)  # a submitter that goes away leaves the run going
@@ -306,12 +309,14 @@ class Engine:
             )
         return existing
 
-    def _saved(self, run: Run, checked: CheckResult, queued_data: dict[str, Any], save: asyncio.Future[None]) -> None:
-        """Once a new run's record is saved, before anyone waiting for it: announce the run. One
-        that could not be saved never existed (its submitter has the error): forget it."""
-        if save.cancelled() or save.exception() is not None:
+    def _saved(self, run: Run, checked: CheckResult, queued_data: dict[str, Any], queued: asyncio.Future[None],
+               error: BaseException | None) -> None:
+        """A new run's record is saved: announce the run, then let it and its submitter go on.
+        One that could not be saved never existed (its submitter gets the error): forget it."""
+        if error is not None:
             run.discard()
             self._runs.pop(run.id, None)
+            queued.set_exception(error)
             return
         try:
             run.events.emit(EventType.RUN_QUEUED, queued_data)
@@ -319,6 +324,7 @@ class Engine:
                 run.warn(f"{warning.line}:{warning.column}: {warning.message}")
         except RuntimeError as exc:  # the store closed meanwhile: the service is stopping
             logger.warning("run %s: its start could not be recorded: %s", run.id, exc)
+        queued.set_result(None)
 
     def _make_run(
         self,

@@ -141,7 +141,6 @@ class Run:
         self.done = anyio.Event()
         self.archived = False  # ended, and its agents and events are only in the store (see _archive)
         self.discarded = False  # its first record could not be saved (see discard)
-        self._running_save: asyncio.Future[None] | None = None  # see drive
 
     @property
     def id(self) -> str:
@@ -178,11 +177,9 @@ class Run:
                 await asyncio.shield(queued)  # if it fails, the engine has discarded the run
             self._change_status(RunStatus.RUNNING, started_at=self.record.started_at or started)
             self.events.emit(EventType.RUN_STARTED, {"recovered": self._recovering})
-            # Recovery treats a queued run as a running one, so the script need not wait for
-            # this save. Its write is queued on the task's first step, in a later turn: a
-            # status change meanwhile would be saved first, and then overwritten by this one
-            # without the wait in _set_status.
-            self._running_save = asyncio.ensure_future(self._save_record(self.record))
+            # Not waited for: every later write is queued behind it, and recovery treats a
+            # queued run as a running one.
+            self._save_soon()
 
         ready: Callable[[], Awaitable[None]] | None = start_running
         if self.status is RunStatus.PAUSED:  # recovered after a restart while paused: no slice before the pause
@@ -308,8 +305,6 @@ class Run:
         self._change_status(status, **changes)
         if event is not None:
             self.events.emit(event, {})
-        if self._running_save is not None:  # saved after the running record, never before
-            await asyncio.shield(self._running_save)
         await self.ctx.store.save_run(self.record)
 
     def _change_status(self, status: RunStatus, **changes: Any) -> None:
@@ -317,11 +312,17 @@ class Run:
         self.record = replace(self.record, status=status.value, **changes)
         self.record = replace(self.record, usage=self.summary())  # its duration needs the new timestamps
 
-    async def _save_record(self, record: RunRecord) -> None:
-        """Save a record without holding up the run, which fails if it cannot be saved."""
+    def _save_soon(self) -> None:
+        """Save the record as it is now, without holding the run up; the run fails if it cannot
+        be saved."""
+
+        def saved(error: BaseException | None) -> None:
+            if error is not None:
+                self._journal_failed(error)
+
         try:
-            await self.ctx.store.save_run(record)
-        except Exception as exc:
+            self.ctx.store.save_run_soon(self.record, saved)
+        except Exception as exc:  # the store is closed, or its writer gone
             self._journal_failed(exc)
 
     def _driver(self, body: str, *, args: Any, has_args: bool, depth: int = 0, group: str | None = None) -> Any:

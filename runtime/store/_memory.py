@@ -22,6 +22,10 @@ class MemoryStore:
     async def save_run(self, run: RunRecord) -> None:
         self._runs[run.id] = run
 
+    def save_run_soon(self, run: RunRecord, done: Callable[[BaseException | None], None]) -> None:
+        self._runs[run.id] = run
+        asyncio.get_running_loop().call_soon(done, None)
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         return self._runs.get(run_id)
 

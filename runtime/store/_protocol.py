@@ -30,6 +30,11 @@ class Store(Protocol):
     async def save_run(self, run: RunRecord) -> None:
         """Insert or replace the run with ``run.id``."""
 
+    def save_run_soon(self, run: RunRecord, done: Callable[[BaseException | None], None]) -> None:
+        """``save_run`` without waiting: the write is queued now, behind every write queued
+        before it; ``done(None)`` runs on the event loop once it is durable, ``done(error)`` if
+        it cannot be."""
+
     async def get_run(self, run_id: str) -> RunRecord | None: ...
 
     async def list_runs(

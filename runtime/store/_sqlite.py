@@ -152,6 +152,19 @@ def _error(described: tuple[str, str]) -> BaseException:
     return RuntimeError(f"{name}: {message}")
 
 
+def _run_error(run: RunRecord, exc: sqlite3.IntegrityError) -> BaseException:
+    """A run's save refused by a constraint: Conflict for its idempotency key, else as it is."""
+    if run.idempotency_key is not None and "idempotency_key" in str(exc):
+        conflict = Conflict(
+            f"owner {run.owner!r} already has a run with idempotency key {run.idempotency_key!r}; "
+            "look it up with that key instead of creating another",
+            details={"run_id": run.id, "owner": run.owner, "idempotency_key": run.idempotency_key},
+        )
+        conflict.__cause__ = exc
+        return conflict
+    return exc
+
+
 def _frames(op: Op) -> bool:
     try:
         frame([op])
@@ -316,13 +329,16 @@ class SQLiteStore:
         try:
             await self._write(SAVE_RUN, run_params(run), f"run {run.id}")
         except sqlite3.IntegrityError as exc:
-            if run.idempotency_key is not None and "idempotency_key" in str(exc):
-                raise Conflict(
-                    f"owner {run.owner!r} already has a run with idempotency key {run.idempotency_key!r}; "
-                    "look it up with that key instead of creating another",
-                    details={"run_id": run.id, "owner": run.owner, "idempotency_key": run.idempotency_key},
-                ) from exc
-            raise
+            raise _run_error(run, exc)  # a Conflict carries its cause
+
+    def save_run_soon(self, run: RunRecord, done: JournalCallback) -> None:
+        self._check_open()
+
+        def saved(error: BaseException | None) -> None:
+            done(_run_error(run, error) if isinstance(error, sqlite3.IntegrityError) else error)
+
+        self._writes_pending.append((SAVE_RUN, run_params(run), f"run {run.id}", (asyncio.get_running_loop(), saved)))
+        self._send_soon()
 
     async def save_call(self, call: CallRecord) -> None:
         loop = asyncio.get_running_loop()

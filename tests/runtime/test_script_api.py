@@ -813,18 +813,33 @@ async def test_a_pause_that_lands_while_a_resume_is_saved_keeps_the_run_paused()
 
 
 class GatedFirstSave(MemoryStore):
-    """A store whose first run record waits at ``gate`` before it is saved."""
+    """A store that holds the first run record it is given, and every run record after it, in
+    order, until ``release()``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.gate = anyio.Event()
         self.gated: str | None = None  # the id of the run whose save waits
+        self._held: list[tuple[RunRecord, Callable[[BaseException | None], None]]] | None = None
+        self._released = anyio.Event()
+
+    def save_run_soon(self, run: RunRecord, done: Callable[[BaseException | None], None]) -> None:
+        if self.gated is None:
+            self.gated, self._held = run.id, []
+        if self._held is not None:
+            self._held.append((run, done))
+        else:
+            super().save_run_soon(run, done)
 
     async def save_run(self, run: RunRecord) -> None:
-        if self.gated is None:
-            self.gated = run.id
-            await self.gate.wait()
+        if self._held is not None:
+            await self._released.wait()
         await super().save_run(run)
+
+    def release(self) -> None:
+        held, self._held = self._held or [], None
+        for run, done in held:
+            super().save_run_soon(run, done)
+        self._released.set()
 
 
 async def submit_behind_the_gate(engine: Engine, store: GatedFirstSave, request: RunRequest,
@@ -840,7 +855,7 @@ async def submit_behind_the_gate(engine: Engine, store: GatedFirstSave, request:
         tg.start_soon(submit)
         await meanwhile()
         assert not submitted, "submit() returned before the run's record was saved"
-        store.gate.set()
+        store.release()
     return submitted[0], await engine.wait(submitted[0].id)
 
 
@@ -979,13 +994,13 @@ async def test_two_requests_with_one_idempotency_key_at_once_get_one_run(tmp_pat
     saved: list[RunRecord] = []
     script = "return await agent('only one of us')"
     run_ids: list[str] = []
-    save_run = store.save_run
+    save_run_soon = store.save_run_soon
 
-    async def save_and_note(run: RunRecord) -> None:
+    def save_and_note(run: RunRecord, done: Callable[[BaseException | None], None]) -> None:
         run_ids.append(run.id)
-        await save_run(run)
+        save_run_soon(run, done)
 
-    store.save_run = save_and_note  # type: ignore[method-assign]
+    store.save_run_soon = save_and_note  # type: ignore[method-assign]
     try:
         with anyio.fail_after(20):
             async with Engine(load_settings(), store, backends={"simulate": backend}, recover=False) as engine:
