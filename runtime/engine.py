@@ -219,6 +219,7 @@ class Engine:
     async def submit(self, request: RunRequest, *, owner: str = "local") -> RunRecord:
         """Validate and start a run. Raises ScriptRejected, InvalidRequest, NotFound, ResumeConflict or
         TooManyStuckRuns."""
+        self._check_running()  # before anything is saved
         existing = await self._same_request(owner, request)
         if existing is not None:
             return existing
@@ -322,7 +323,7 @@ class Engine:
             run.events.emit(EventType.RUN_QUEUED, queued_data)
             for warning in checked.warnings:
                 run.warn(f"{warning.line}:{warning.column}: {warning.message}")
-        except RuntimeError as exc:  # the store closed meanwhile: the service is stopping
+        except Exception as exc:  # the store closed meanwhile (the service is stopping): the run goes on
             logger.warning("run %s: its start could not be recorded: %s", run.id, exc)
         queued.set_result(None)
 
@@ -346,9 +347,13 @@ class Engine:
         return run
 
     def _start(self, run: Run, *, queued: asyncio.Future[None] | None = None) -> None:
+        self._check_running()
+        assert self._tg is not None
+        self._tg.start_soon(self._drive, run, queued, name=f"run {run.id}")
+
+    def _check_running(self) -> None:
         if self._tg is None:
             raise RuntimeError("the engine is not running: use `async with Engine(...)`")
-        self._tg.start_soon(self._drive, run, queued, name=f"run {run.id}")
 
     def _top_up_isolates(self) -> None:
         """Called once a run's first slice is done: the spares are prepared after a run ends

@@ -159,7 +159,7 @@ class Run:
         ``queued`` is the save of the run's first record, still in flight (see
         ``Engine.submit``): the run writes nothing and handles none of the script's requests
         before it is durable, and ends without a trace if it fails (the run is discarded). The
-        running record is saved without holding the run up (see ``_set_status``).
+        running record is saved without holding the run up (see ``_save_soon``).
         """
         try:
             await self._drive_script(queued)

@@ -33,7 +33,8 @@ class Store(Protocol):
     def save_run_soon(self, run: RunRecord, done: Callable[[BaseException | None], None]) -> None:
         """``save_run`` without waiting: the write is queued now, behind every write queued
         before it; ``done(None)`` runs on the event loop once it is durable, ``done(error)`` if
-        it cannot be."""
+        it cannot be. Raises at once, without calling ``done``, if the store cannot take the
+        write (closed, its writer gone, a record that does not encode)."""
 
     async def get_run(self, run_id: str) -> RunRecord | None: ...
 

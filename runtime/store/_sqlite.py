@@ -11,10 +11,10 @@ Concurrency design
   switch interval for the GIL between SQLite's steps while the loop was busy, so its commits
   took 20-35 ms for 5 ms of work and the runs waited for them.
 * **Completion.** ``append_events`` returns at once. Awaited writes wait for an asyncio future,
-  ``journal_call`` for a callback; they are resolved when the writer's answer for their group
-  arrives, so only after the COMMIT that included them. Pending events and entries are sent
-  before the writes queued with them, so an awaited write returning also means every write
-  queued or pending before it (events included) has been committed.
+  ``journal_call`` and ``save_run_soon`` for a callback; they are resolved when the writer's
+  answer for their group arrives, so only after the COMMIT that included them. Pending events
+  and entries are sent before the writes queued with them, so an awaited write returning also
+  means every write queued or pending before it (events included) has been committed.
 * **Errors.** If one write of a group fails, the writer rolls the group back and replays it one
   write per transaction, so only the faulty write fails; its awaiting caller gets the exception
   (rebuilt here from its type and message). A failing ``append_events`` batch has no caller
@@ -188,7 +188,7 @@ def _settle(items: list[tuple[asyncio.Future[int] | JournalCallback, int, BaseEx
             try:
                 waiter(error)
             except Exception:
-                logger.exception("store: a journal callback failed")
+                logger.exception("store: a write's callback failed")
         elif waiter.done():  # the caller was cancelled; the write happened anyway
             continue
         elif error is None:

@@ -957,6 +957,32 @@ async def test_a_store_that_closes_while_a_run_is_saved_leaves_no_error_to_the_l
     assert any("its start could not be recorded" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_run_whose_start_cannot_be_announced_still_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Announcing a saved run (its run.queued event) is a callback of the save: whatever goes
+    # wrong there, the submitter and the run must not be left waiting for it.
+    emit = events_module.EventLog.emit
+
+    def emit_but_not_queued(self: Any, type: Any, data: Any = None) -> Any:
+        if type is events_module.EventType.RUN_QUEUED:
+            raise ValueError("a bug while announcing the run")
+        return emit(self, type, data)
+
+    monkeypatch.setattr(events_module.EventLog, "emit", emit_but_not_queued)
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.wait((await engine.submit(RunRequest(script="return await agent('a')"))).id)
+    assert record.status == "completed"
+
+
+async def test_a_run_submitted_to_a_stopped_engine_is_not_saved() -> None:
+    store = MemoryStore()
+    async with Engine(load_settings(), store, recover=False) as engine:
+        pass
+    with pytest.raises(RuntimeError, match="not running"):
+        await engine.submit(RunRequest(script="return 1"))
+    assert await store.list_runs() == []
+
+
 @pytest.mark.parametrize("turns", [0, 1, 2, 3])
 async def test_a_pause_right_after_the_start_is_what_the_store_keeps(tmp_path: Path, turns: int) -> None:
     # The running record is saved without holding the run up. A pause that comes in before

@@ -137,6 +137,37 @@ async def test_run_round_trip(kind: str, tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", KINDS)
+async def test_save_run_soon_is_queued_at_once_and_heard_of_once(kind: str, tmp_path: Path) -> None:
+    # Queued when called, so a save queued after it is committed after it; its callback hears
+    # of the commit once, on the event loop.
+    with anyio.fail_after(10):
+        async with open_store(kind, tmp_path) as store:
+            heard: list[BaseException | None] = []
+            store.save_run_soon(run("r", status="running"), heard.append)
+            await store.save_run(run("r", status="paused"))
+            while not heard:
+                await anyio.sleep(0.001)
+            await anyio.sleep(0.01)
+            assert heard == [None]
+            stored = await store.get_run("r")
+            assert stored is not None and stored.status == "paused"
+
+
+@pytest.mark.anyio
+async def test_save_run_soon_reports_a_taken_idempotency_key_as_a_conflict(tmp_path: Path) -> None:
+    with anyio.fail_after(10):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            await store.save_run(run("first", idempotency_key="same"))
+            heard: list[BaseException | None] = []
+            store.save_run_soon(run("second", idempotency_key="same"), heard.append)
+            while not heard:
+                await anyio.sleep(0.001)
+    assert len(heard) == 1 and isinstance(heard[0], Conflict)
+    assert heard[0].details["run_id"] == "second"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", KINDS)
 async def test_list_runs_filters_and_pagination(kind: str, tmp_path: Path) -> None:
     with anyio.fail_after(10):
         async with open_store(kind, tmp_path) as store:
@@ -806,6 +837,8 @@ async def test_aclose_is_idempotent_and_stops_everything(tmp_path: Path) -> None
             store.append_events([event("r", 2)])
         with pytest.raises(RuntimeError, match="closed"):
             await store.save_call(call("r", 0))
+        with pytest.raises(RuntimeError, match="closed"):
+            store.save_run_soon(run("r"), lambda error: None)
         with pytest.raises(RuntimeError, match="closed"):
             await store.get_run("x")
         async with await SQLiteStore.open(tmp_path / "q.db") as reopened:
