@@ -55,7 +55,7 @@ PREVIEW_CHARS = 200
 _JOURNALING = "finished, its result being journaled"
 
 
-async def _saved(save: asyncio.Future[None]) -> bool:
+async def _succeeded(save: asyncio.Future[None]) -> bool:
     """Whether a save in flight succeeded, once it is done (its error is the submitter's)."""
     try:
         await asyncio.shield(save)
@@ -166,7 +166,7 @@ class Run:
         except Exception:
             if queued is not None:  # the engine records the crash: not before the first record
                 with anyio.CancelScope(shield=True):
-                    await _saved(queued)
+                    await _succeeded(queued)
             raise
 
     async def _drive_script(self, queued: asyncio.Future[None] | None) -> None:
@@ -205,7 +205,7 @@ class Run:
         if scope.cancelled_caught and not self._user_cancelled:
             return  # cancelled from outside (shutdown); the enclosing cancellation propagates
         with anyio.CancelScope(shield=True):
-            if queued is not None and not await _saved(queued):
+            if queued is not None and not await _succeeded(queued):
                 return  # discarded: never saved, and its submitter has the error
             await self.finish(failure, result)
 
