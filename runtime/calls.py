@@ -87,27 +87,14 @@ class LiveCall:
     restart_requested: bool = False
 
     def record(self, run_id: str, status: AgentStatus | None = None) -> CallRecord:
+        # Positional, in CallRecord's field order: keywords cost twice as much, once per agent.
         return CallRecord(
-            run_id=run_id,
-            index=self.index,
-            key=self.key,
-            occurrence=self.occurrence,
-            status=(status or self.status)._value_,  # not .value: a property, and this is hot
-            prompt=self.prompt,
-            options=self.options,
-            label=self.label,
-            phase=self.phase,
-            output=self.output,
-            usage=self.usage.to_dict(),
-            cost_usd=self.cost_usd,
-            model=self.model,
-            attempts=self.attempt,
-            queued_at=self.queued_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            error=self.error,
-            transcript=list(self.transcript),
-        )
+            run_id, self.index, self.key, self.occurrence,
+            (status or self.status)._value_,  # not .value: a property, and this is hot
+            self.prompt, self.options, self.label, self.phase, self.output, self.usage.to_dict(),
+            self.cost_usd, self.model, self.attempt, self.queued_at, self.started_at, self.finished_at,
+            self.error, list(self.transcript),
+        )  # fmt: skip
 
     def open_scope(self) -> anyio.CancelScope:
         """The scope the dispatcher runs this call under: ``stop`` and ``restart`` cancel it."""
@@ -122,15 +109,14 @@ class LiveCall:
         self.started_at, self.finished_at = source.started_at, source.finished_at
 
     def event_data(self, **extra: Any) -> dict[str, Any]:
-        data: dict[str, Any] = {
+        return {
             "index": self.index,
             "label": self.label,
             "phase": self.phase,
             "model": self.model or self.options.get("model"),
             "attempt": self.attempt,
+            **extra,
         }
-        data.update(extra)
-        return data
 
 
 @dataclass

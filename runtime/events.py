@@ -87,13 +87,15 @@ class EventLog:
         return self._seq
 
     def emit(self, type: EventType, data: dict[str, Any] | None = None) -> EventRecord:
+        # Three times per agent: the checks are written out rather than called.
         self._seq += 1
         event = EventRecord(self._seq, time.time(), self.run_id, type._value_, data or {})
         self._events.append(event)
         self._store.append_events((event,))
         if self._listener is not None:
             self._listener(event)
-        self._wake()
+        if self._changed is not None:
+            self._wake()
         return event
 
     def _wake(self) -> None:

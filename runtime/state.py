@@ -30,7 +30,7 @@ class AgentStatus(str, Enum):
 
     @property
     def terminal(self) -> bool:
-        return self not in (AgentStatus.QUEUED, AgentStatus.RUNNING)
+        return self is not AgentStatus.QUEUED and self is not AgentStatus.RUNNING
 
 
 _TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
