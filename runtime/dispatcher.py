@@ -213,8 +213,9 @@ class Dispatcher:
             return AgentOutcome("failed", usage=usage, cost_usd=cost, model=model, attempts=attempts,
                                 error=f"agent result is {size} bytes; the limit is {self._max_result_bytes} bytes",
                                 transcript=tuple(transcript))
-        return AgentOutcome("completed", output=output, usage=usage, cost_usd=cost, model=model,
-                            attempts=attempts, transcript=tuple(transcript))
+        # Positional (status, output, usage, cost_usd, model, attempts, error, transcript): once
+        # per call, and keywords cost twice as much.
+        return AgentOutcome("completed", output, usage, cost, model, attempts, None, tuple(transcript))
 
 
 class _Continue:

@@ -37,12 +37,19 @@ def call_key(
 ) -> str:
     # Exactly canonical_json({prompt, schema, model, effort, agentType, isolation}), written out
     # with the keys in sorted order: sorting and encoding a dict per call was a hot spot.
+    if schema is None and model is None and effort is None and agent_type is None and isolation is None:
+        text = f"{_NO_OPTIONS_BEFORE}{encode_basestring(prompt)}{_NO_OPTIONS_AFTER}"  # most calls
+        return hashlib.sha256(text.encode()).hexdigest()
     text = (
         f'{{"agentType":{_json(agent_type)},"effort":{_json(effort)},"isolation":{_json(isolation)},'
         f'"model":{_json(model)},"prompt":{encode_basestring(prompt)},'
         f'"schema":{"null" if schema is None else canonical_json(schema)}}}'
     )
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+_NO_OPTIONS_BEFORE = '{"agentType":null,"effort":null,"isolation":null,"model":null,"prompt":'
+_NO_OPTIONS_AFTER = ',"schema":null}'
 
 
 def _json(value: str | None) -> str:

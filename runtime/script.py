@@ -212,13 +212,12 @@ class ScriptDriver:
     async def _handle(self, requests: Sequence[Request]) -> None:
         assert self._tg is not None
         agents = 0
+        submit, deliver, handled, group = self.run.submit_agent, self._deliver, self.delivery_handled, self.group
         for request in requests:
             kind, payload = request.kind, request.payload
             if kind == "agent":
                 self._outstanding += 1
-                self.run.submit_agent(
-                    payload, deliver=partial(self._deliver, request.id), handled=self.delivery_handled, group=self.group
-                )
+                submit(payload, deliver=partial(deliver, request.id), handled=handled, group=group)
                 agents += 1
                 if agents % AGENTS_PER_TURN == 0:
                     # A slice may ask for thousands of agents: let the first ones start meanwhile

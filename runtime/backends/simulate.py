@@ -110,8 +110,9 @@ def _result(request: AgentRequest, text: str, output_tokens: int, schema_chars: 
             data: Any = None) -> AgentResult:
     # Input as a real backend would send it: the subagent system prompt, the prompt, the schema.
     usage = Usage(max(1, (_SYSTEM_PROMPT_CHARS + len(request.prompt) + schema_chars) // 4), output_tokens)
-    return AgentResult(text, usage, request.model or "simulate", data=data,
-                       transcript=({"role": "user", "content": request.prompt}, {"role": "assistant", "content": text}))
+    # Positional (text, usage, model, stop_reason, cost_usd, data, transcript): once per call.
+    return AgentResult(text, usage, request.model or "simulate", "end_turn", 0.0, data,
+                       ({"role": "user", "content": request.prompt}, {"role": "assistant", "content": text}))
 
 
 def _tokens(text: str) -> int:

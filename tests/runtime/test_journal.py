@@ -45,6 +45,15 @@ def test_call_key_is_sha256_of_the_canonical_identity() -> None:
     assert call_key("hello") == hashlib.sha256(identity.encode()).hexdigest()
 
 
+@pytest.mark.parametrize("prompt", ['say "hi"', "back\\slash", "café ünï", "emoji 😀", "tab\tnew\nline\x00",
+                                    "line\u2028separator", "", " spaces  "])
+def test_call_key_of_a_call_without_options_is_canonical_json_for_any_prompt(prompt: str) -> None:
+    # Such calls take a shortcut; it must give the key the full encoder gives.
+    identity = canonical_json({"prompt": prompt, "schema": None, "model": None, "effort": None, "agentType": None,
+                               "isolation": None})
+    assert call_key(prompt) == hashlib.sha256(identity.encode()).hexdigest()
+
+
 @pytest.mark.anyio
 async def test_the_key_of_a_call_from_a_script_keeps_a_schema_s_long_integers_exact() -> None:
     # JSON.stringify writes 2 ** 64 as the integer literal 18446744073709552000; the host must
