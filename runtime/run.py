@@ -698,7 +698,7 @@ class Run:
             self.workers.journaled()
             if error is not None:
                 self._journal_failed(error)
-            elif not call.status.terminal:  # else the run ended meanwhile and stopped it
+            elif call.status is AgentStatus.RUNNING:  # else the run ended meanwhile and stopped it
                 self._count(call, call.status, status)
                 self.events.emit(*event)
                 assert call.deliver is not None
