@@ -29,7 +29,7 @@ MAX_SCHEMA_ATTEMPTS = 5
 logger = logging.getLogger("quickflow.dispatcher")
 
 
-_NO_USAGE = Usage()  # frozen: one for every call that has used nothing yet
+_NO_USAGE = Usage()  # immutable (see Usage): one for every call that has used nothing yet
 
 
 @dataclass(slots=True)  # not frozen (cheaper to make, once per call); treat as immutable

@@ -37,8 +37,11 @@ logger = logging.getLogger(__name__)
 
 MAX_PENDING_TIMERS = 10_000
 # The script driver lets the workers run after the first AGENTS_FIRST_TURN agents of a slice, so
-# that the first calls start at once, and after every AGENTS_PER_TURN agents from then on: each turn
-# costs a loop iteration and a journal frame (benchmarks/PROFILING.md, seventeenth round).
+# that the first calls start early, and then at every multiple of AGENTS_PER_TURN: each turn costs
+# a loop iteration and a journal frame (benchmarks/PROFILING.md, seventeenth round). A run with a
+# token budget turns every AGENTS_FIRST_TURN agents: its budget is checked as agents are queued,
+# and zero-latency calls only spend tokens while the workers run, so a longer turn would let more
+# agents past a budget already spent.
 AGENTS_FIRST_TURN = 16
 AGENTS_PER_TURN = 64
 # How soon a script whose isolate could not be evicted (the pool was busy) tries again.
@@ -217,13 +220,14 @@ class ScriptDriver:
         assert self._tg is not None
         agents = 0
         submit, deliver, handled, group = self.run.submit_agent, self._deliver, self.delivery_handled, self.group
+        per_turn = AGENTS_PER_TURN if self.run.options.budget_tokens is None else AGENTS_FIRST_TURN
         for request in requests:
             kind, payload = request.kind, request.payload
             if kind == "agent":
                 self._outstanding += 1
                 submit(payload, deliver=partial(deliver, request.id), handled=handled, group=group)
                 agents += 1
-                if agents % AGENTS_PER_TURN == 0 or agents == AGENTS_FIRST_TURN:
+                if agents % per_turn == 0 or agents == AGENTS_FIRST_TURN:
                     # A slice may ask for thousands of agents: let the first ones start meanwhile
                     # (anyio's checkpoint() on asyncio, without looking up the backend).
                     await asyncio.sleep(0)

@@ -26,6 +26,7 @@ from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, Sim
 from runtime.backends import AgentRequest, AgentResult
 from runtime.engine import CHECKED_SCRIPT_CHARS, CHECKED_SCRIPTS
 from runtime.scheduling import CALLS_AHEAD_OF_JOURNAL
+from runtime.script import AGENTS_FIRST_TURN
 from runtime.calls import default_label
 from runtime.errors import Conflict, InvalidAgentState, ScriptRejected
 from runtime.store import SQLiteStore
@@ -654,6 +655,21 @@ async def test_a_run_with_a_budget_finishes_items_before_starting_others() -> No
     assert record.status == "completed" and len(record.result) == 4
     assert started[:5] == ["i0-s0", "i0-s1", "i0-s2", "i1-s0", "i2-s0"]
     assert started.index("i1-s1") < started.index("i3-s0")
+
+
+async def test_a_fan_out_past_its_budget_runs_at_most_one_more_turn_of_agents() -> None:
+    # Zero-latency agents spend their tokens while the workers run, between the driver's turns
+    # of queueing a slice's requests: past the budget, about a turn's worth still start (12 of
+    # 16 here). The bound leaves a second turn for a worker too slow to run 16 calls in its own
+    # 2 ms turn; a run without a budget queues 64 a turn and would start 64.
+    script = "return (await parallel(Array.from({length: 400}, (_, i) => () => agent(`a${i}`)))).length"
+    options = {"concurrency": 64, "budget_tokens": 200, "simulate": {"output_tokens": 10}}
+    with anyio.fail_after(20):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.wait((await engine.submit(RunRequest(script=script, options=options))).id)
+            started = [e for e in await events_of(engine, record.id) if e.type == "agent.started"]
+    assert record.status == "completed"
+    assert 20 <= len(started) <= 20 + 2 * AGENTS_FIRST_TURN
 
 
 async def start_order_of_two_stages(options: dict[str, Any]) -> tuple[RunRecord, list[str]]:
