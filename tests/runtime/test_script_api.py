@@ -657,7 +657,7 @@ async def test_a_run_with_a_budget_finishes_items_before_starting_others() -> No
     assert started.index("i1-s1") < started.index("i3-s0")
 
 
-async def test_a_fan_out_past_its_budget_runs_at_most_one_more_turn_of_agents() -> None:
+async def test_a_fan_out_past_its_budget_starts_at_most_two_more_turns_of_agents() -> None:
     # Zero-latency agents spend their tokens while the workers run, between the driver's turns
     # of queueing a slice's requests: past the budget, about a turn's worth still start (12 of
     # 16 here). The bound leaves a second turn for a worker too slow to run 16 calls in its own
