@@ -189,25 +189,31 @@ class Run:
             ready = None
         failure: ScriptFailure | None = None
         result: Any = None
-        with anyio.CancelScope() as scope:
-            self._cancel_scope = scope
-            with anyio.move_on_after(self.options.timeout_s) as deadline:
-                async with anyio.create_task_group() as tg:
-                    self.workers.tg = tg  # the run's agent workers
-                    driver = self._driver(self.body, args=self.record.args, has_args=self.record.has_args)
-                    final = await driver.execute(ready=ready)
-                    failure, result = final.failure, final.result
-                    tg.cancel_scope.cancel()  # agents the script started but never awaited
-            if deadline.cancelled_caught:
-                failure = ScriptFailure("limit", "timeout", f"run exceeded its time limit of {self.options.timeout_s:g} s")
-        if self._journal_error is not None:
-            raise self._journal_error  # the engine records the run as crashed
-        if scope.cancelled_caught and not self._user_cancelled:
-            return  # cancelled from outside (shutdown); the enclosing cancellation propagates
-        with anyio.CancelScope(shield=True):
-            if queued is not None and not await _succeeded(queued):
-                return  # discarded: never saved, and its submitter has the error
-            await self.finish(failure, result)
+        driver = self._driver(self.body, args=self.record.args, has_args=self.record.has_args)
+        try:
+            with anyio.CancelScope() as scope:
+                self._cancel_scope = scope
+                with anyio.move_on_after(self.options.timeout_s) as deadline:
+                    async with anyio.create_task_group() as tg:
+                        self.workers.tg = tg  # the run's agent workers
+                        final = await driver.execute(ready=ready, keep_isolate=True)
+                        failure, result = final.failure, final.result
+                        if not self.workers.close():
+                            tg.cancel_scope.cancel()  # agents the script started but never awaited
+                if deadline.cancelled_caught:
+                    failure = ScriptFailure("limit", "timeout",
+                                            f"run exceeded its time limit of {self.options.timeout_s:g} s")
+            if self._journal_error is not None:
+                raise self._journal_error  # the engine records the run as crashed
+            if scope.cancelled_caught and not self._user_cancelled:
+                return  # cancelled from outside (shutdown); the enclosing cancellation propagates
+            with anyio.CancelScope(shield=True):
+                if queued is not None and not await _succeeded(queued):
+                    return  # discarded: never saved, and its submitter has the error
+                await self.finish(failure, result)
+        finally:
+            # Not before the run's end is out: freeing the script's context holds the GIL.
+            driver.close_isolate()
 
     def discard(self) -> None:
         """The run's first record could not be saved: the run never existed, and its submitter
@@ -229,7 +235,9 @@ class Run:
 
     async def finish(self, failure: ScriptFailure | None, result: Any) -> None:
         now = time.time()
-        for call in self.calls.values():
+        # Written out: a run may have thousands of calls, and its end waits for this.
+        live = [c for c in self.calls.values() if c.status is AgentStatus.QUEUED or c.status is AgentStatus.RUNNING]
+        for call in live:
             if not call.status.terminal:
                 self._count(call, call.status, AgentStatus.STOPPED)
                 call.error = "the run ended before this agent finished"

@@ -208,6 +208,7 @@ class Workers:
         self._journal_room: list[asyncio.Future[None]] = []
         self._unpaused = anyio.Event()
         self._unpaused.set()
+        self._closed = False
 
     def push(self, call: LiveCall) -> None:
         # Holders are known by item index alone: two pipelines running at once (or a child
@@ -243,6 +244,21 @@ class Workers:
                 if not room.done():
                     room.set_result(None)
 
+    def close(self) -> bool:
+        """The script has ended: let every worker go, if each is parked with nothing queued.
+        Whether they all went (each returns at its next turn), so that the run's task group ends
+        without a cancellation: cancelling a task group formats a task's repr, and each parked
+        worker then unwinds a CancelledError. False leaves them as they are: a worker is inside
+        a call, or waits for something else (the journal, a pause), and must be cancelled."""
+        parked = [future for future in self._parked if not future.done()]
+        if self._busy or self.queue or len(parked) != self._workers:
+            return False
+        self._closed = True
+        self._parked = []
+        for future in parked:
+            future.set_result(None)
+        return True
+
     def start(self, *, every: bool = False) -> None:
         """Workers free to take queued calls: one, or with ``every`` one per queued call. Parked
         ones first (waking one costs a fraction of starting a task), then new ones."""
@@ -270,9 +286,11 @@ class Workers:
             kept: LiveCall | None = None  # the next stage of the item this worker kept its slot for
             while True:
                 if kept is None and not self.queue:
-                    # Park until the script asks for more (the run's end cancels this): a zero-
-                    # latency burst would otherwise start and end a task per few calls.
+                    # Park until the script asks for more, or has ended (close): a zero-latency
+                    # burst would otherwise start and end a task per few calls.
                     await _wait_in(self._parked)
+                    if self._closed:
+                        return
                     yielded = time.monotonic()
                     continue
                 if not self._unpaused.is_set():

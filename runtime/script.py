@@ -90,24 +90,32 @@ class ScriptDriver:
         self._batch_handled: asyncio.Future[None] | None = None
         self._done = False
         self._tg: TaskGroup | None = None
+        self._tasks = 0  # started in _tg and not finished: workflow() calls, the timer loop
 
-    async def execute(self, *, ready: Callable[[], Awaitable[None]] | None = None) -> Slice:
+    async def execute(self, *, ready: Callable[[], Awaitable[None]] | None = None, keep_isolate: bool = False) -> Slice:
         """Run the script to its end; the final slice holds the result or the failure.
 
         ``ready`` is awaited while the first slice runs, and before any of the script's requests
         is handled: the run's record is saved meanwhile (see ``Run.drive``). If it raises, no
         request is handled, and its error leaves once the slice is done (in the ExceptionGroup
-        of this task group)."""
+        of this task group). The isolate is closed on the way out, unless ``keep_isolate``: the
+        caller then calls ``close_isolate`` itself, once it has done what should not wait for
+        the context to be freed."""
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 final = await self._drive(ready)
-                tg.cancel_scope.cancel()
+                if self._tasks:  # cancelling formats a task's repr: not for nothing
+                    tg.cancel_scope.cancel()
             return final
         finally:
             self._done = True
             _resolve(self._batch_handled)
-            self._isolate.close()
+            if not keep_isolate:
+                self._isolate.close()
+
+    def close_isolate(self) -> None:
+        self._isolate.close()
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -217,7 +225,6 @@ class ScriptDriver:
             self._inbox_changed = None
 
     async def _handle(self, requests: Sequence[Request]) -> None:
-        assert self._tg is not None
         agents = 0
         submit, deliver, handled, group = self.run.submit_agent, self._deliver, self.delivery_handled, self.group
         per_turn = AGENTS_PER_TURN if self.run.options.budget_tokens is None else AGENTS_FIRST_TURN
@@ -233,7 +240,7 @@ class ScriptDriver:
                     await asyncio.sleep(0)
             elif kind == "workflow":
                 self._outstanding += 1
-                self._tg.start_soon(self._workflow, request.id, payload)
+                self._start_task(self._workflow, request.id, payload)
             elif kind == "timer":
                 self._add_timer(request.id, _delay_ms(payload))
             elif kind == "clear_timer":
@@ -245,6 +252,17 @@ class ScriptDriver:
                 self.run.enter_phase(str(payload.get("title", "")), group=self.group)
             elif kind == "failure":
                 self.run.record_failure(str(payload.get("message", "")))
+
+    def _start_task(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        assert self._tg is not None
+        self._tasks += 1
+        self._tg.start_soon(self._counted, fn, *args)
+
+    async def _counted(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        finally:
+            self._tasks -= 1
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -265,9 +283,8 @@ class ScriptDriver:
         self._timers[timer_id] = deadline
         heapq.heappush(self._timer_heap, (deadline, timer_id))
         if self._timers_changed is None:
-            assert self._tg is not None
             self._timers_changed = anyio.Event()
-            self._tg.start_soon(self._timer_loop)
+            self._start_task(self._timer_loop)
             return
         self._timers_changed.set()
         self._timers_changed = anyio.Event()

@@ -162,3 +162,37 @@ async def test_an_items_next_stage_goes_to_the_slot_kept_for_it() -> None:
             assert [name for name, _ in ran][-1] == "i2-s0"
             assert worker_of("i2-s0") is worker_of("i0-s0")
             tg.cancel_scope.cancel()
+
+
+async def test_closing_lets_parked_workers_go_and_refuses_while_one_is_busy() -> None:
+    # A run whose script has ended closes its workers: parked ones return on their own, so
+    # that the run's task group ends without cancelling them. A worker inside a call must be
+    # cancelled instead, and close() says so.
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[None] = loop.create_future()
+    served: list[str] = []
+
+    async def serve(call: LiveCall) -> bool:
+        served.append(call.label)
+        if call.label == "slow":
+            await gate
+        return False
+
+    def call(index: int, label: str) -> LiveCall:
+        return LiveCall(index, f"key{index}", 1, label, {}, label, "(no phase)")
+
+    workers = Workers(4, serve)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            workers.tg = tg
+            workers.push(call(0, "slow"))
+            await anyio.wait_all_tasks_blocked()
+            assert not workers.close()  # "slow" is being served
+            gate.set_result(None)
+            await anyio.wait_all_tasks_blocked()
+            workers.push(call(1, "quick"))
+            await anyio.wait_all_tasks_blocked()
+            assert served == ["slow", "quick"]
+            assert workers.close()
+        # The task group ended by itself: nothing was cancelled.
+        assert not tg.cancel_scope.cancel_called

@@ -456,6 +456,42 @@ await agent('z')"""
     assert (calls[0].phase, calls[1].label, calls[1].phase, calls[2].phase) == ("Scan", "custom", "Other", "Scan")
 
 
+async def test_what_a_script_started_and_never_awaited_does_not_hold_up_its_end() -> None:
+    # A slow agent, a child workflow and a timer an hour away, none awaited: the run ends when
+    # the script returns, and stops what is in flight (the child is cancelled before its agent).
+    script = "agent('slow one'); workflow('child', {n: 1}); setTimeout(() => {}, 3600000); return 'early'"
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            await engine.save_workflow(CHILD)
+            record = await engine.submit(RunRequest(script=script, options={"simulate": {"latency_ms": 60_000}}))
+            record = await engine.wait(record.id)
+            calls = await engine.list_agents(record.id)
+    assert (record.status, record.result) == ("completed", "early")
+    assert [(c.prompt, c.status) for c in calls] == [("slow one", "stopped")]
+
+
+async def test_a_runs_context_is_freed_once_its_end_is_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The final slice leaves the context to the driver (freeing it holds the GIL): the driver
+    # frees it after the run has ended and its waiters have their record, and never leaks it.
+    closes: list[tuple[bool, bool]] = []
+    runs: list[Any] = []
+    close = sandbox_isolate.Isolate.close
+
+    def recording_close(self: sandbox_isolate.Isolate) -> None:
+        closes.append((self._retired is not None, bool(runs) and runs[0].done.is_set()))
+        close(self)
+        assert self._retired is None
+
+    monkeypatch.setattr(sandbox_isolate.Isolate, "close", recording_close)
+    with anyio.fail_after(10):
+        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+            record = await engine.submit(RunRequest(script="return await agent('x')"))
+            runs.append(engine.live(record.id))
+            assert (await engine.wait(record.id)).status == "completed"
+            await anyio.wait_all_tasks_blocked()
+    assert closes == [(True, True)]
+
+
 @pytest.mark.parametrize(
     ("prompt", "label"),
     [

@@ -118,6 +118,18 @@ def test_nothing_to_evict_before_start_or_after_the_end() -> None:
     assert isolate.evictions == 0
 
 
+def test_the_slice_that_ends_a_script_leaves_freeing_its_context_to_close() -> None:
+    # Freeing a context holds the GIL, and the final slice is on the way to the run's end: the
+    # context waits for close(), which the run's driver calls once that end is out.
+    isolate = Isolate()
+    final = isolate.start(check_script("return 1").body, {**CONFIG, "args": None, "hasArgs": False})
+    assert final.finished and final.result == 1
+    assert isolate.closed and not isolate.evictable  # nothing of the script runs again
+    assert isolate._retired is not None
+    isolate.close()
+    assert isolate._retired is None
+
+
 def test_replay_cpu_is_charged_to_the_script() -> None:
     body = check_script("let x = 0\nfor (let i = 0; i < 200000; i++) x += i\nconst a = await agent('a')\n"
                         "const b = await agent('b')\nreturn [x, a, b]").body
