@@ -327,22 +327,6 @@ class _Inbox:
         return ops
 
 
-def _no_wake_up_preemption() -> None:
-    """Run as SCHED_BATCH (Linux): the same share of the CPU, but a wake-up does not preempt.
-
-    The store wakes this process with every frame it writes. As an ordinary process, it was
-    often run at once on the core of the thread that woke it, and that thread, the service's
-    event loop, waited inside ``os.write`` while the writer read, committed and answered: 0.4
-    ms at the 90th percentile, about half a millisecond of each trivial run. As a batch
-    process it starts on the other core, or once the loop waits. The loop runs on, and its
-    commits are answered no later. Lowering the policy needs no privilege; its threads
-    (the checkpointer) inherit it."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):  # not on this platform
-        pass
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -354,7 +338,6 @@ def main(path: str, synchronous: str, *, inbox_fd: int = 0, outbox_fd: int = 1) 
     # Only frames go to the store's pipe: anything else printed goes to stderr, the service's log.
     outbox_fd = os.dup(outbox_fd)
     os.dup2(2, 1)
-    _no_wake_up_preemption()
     # Ctrl-C, a hang-up or a SIGTERM to the whole process group reach the writer too: the
     # service stops it itself, after its last writes. It never outlives the service: the end of
     # its pipe stops it as well.

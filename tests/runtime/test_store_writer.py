@@ -246,18 +246,3 @@ async def test_a_stopped_writer_shows_as_a_write_that_waits(tmp_path: Path) -> N
                 os.kill(store.writer_pid, signal.SIGCONT)
             assert store.commit_wait_s() == 0.0
             assert [c.index for c in await store.list_calls("r")] == [0]
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_getscheduler") or not Path("/proc/self/task").is_dir(),
-                    reason="scheduling policies per thread: Linux")
-@pytest.mark.anyio
-async def test_the_writer_and_its_threads_do_not_preempt_the_service_on_wake_up(tmp_path: Path) -> None:
-    # SCHED_BATCH (see _writer._no_wake_up_preemption): each frame the store writes wakes the
-    # writer, which must not take the CPU from the event loop that wrote it.
-    with anyio.fail_after(20):
-        async with await SQLiteStore.open(tmp_path / "q.db") as store:
-            await store.save_call(call("r", 0))  # its checkpointer thread started before it said ready
-            threads = [int(tid) for tid in os.listdir(f"/proc/{store.writer_pid}/task")]
-            assert len(threads) >= 2
-            assert {os.sched_getscheduler(tid) for tid in threads} == {os.SCHED_BATCH}
-            assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the service itself is left as it was
