@@ -50,6 +50,10 @@ NO_PHASE = "(no phase)"
 MAX_PHASES = 1000
 TOO_MANY_PHASES = "(more phases)"
 PREVIEW_CHARS = 200
+# How long an ended run's script context may wait for the run's end to be saved before it is
+# freed anyway (see _drive_script). A commit takes under a millisecond, or 2-12 ms when SQLite
+# syncs; a stalled store takes as long as it takes.
+FREE_CONTEXT_AFTER_S = 0.02
 # How a call that has finished executing shows until its journal entry commits (it counts as
 # running: a live view never shows a result that a crash could still lose).
 _JOURNALING = "finished, its result being journaled"
@@ -190,6 +194,7 @@ class Run:
         failure: ScriptFailure | None = None
         result: Any = None
         driver = self._driver(self.body, args=self.record.args, has_args=self.record.has_args)
+        free_anyway: asyncio.TimerHandle | None = None
         try:
             with anyio.CancelScope() as scope:
                 self._cancel_scope = scope
@@ -210,10 +215,16 @@ class Run:
             with anyio.CancelScope(shield=True):
                 if queued is not None and not await _succeeded(queued):
                     return  # discarded: never saved, and its submitter has the error
+                # The script's context is freed once finish() has released the run's waiters
+                # (below): freeing it holds the GIL. If the store is slow to save the run's end,
+                # it is freed anyway after FREE_CONTEXT_AFTER_S, so that runs ending during a
+                # stall do not all keep their heaps.
+                free_anyway = asyncio.get_running_loop().call_later(FREE_CONTEXT_AFTER_S, driver.close_isolate)
                 await self.finish(failure, result)
         finally:
-            # Not before the run's end is out: freeing the script's context holds the GIL.
-            driver.close_isolate()
+            if free_anyway is not None:
+                free_anyway.cancel()
+            driver.close_isolate()  # closing twice is harmless
 
     def discard(self) -> None:
         """The run's first record could not be saved: the run never existed, and its submitter

@@ -383,10 +383,11 @@ class Isolate:
                 self._lock.release()
 
     def _retire(self) -> None:
-        """The script has ended: nothing runs in its context again, but close() frees it, not
-        the slice. Freeing a context holds the GIL (about 0.2 ms for a small heap), and the
-        slice that ends a script is on the way to the run's end: the run's driver closes the
-        isolate once that end is out (``ScriptDriver.close_isolate``)."""
+        """The script has returned or thrown: nothing runs in its context again, but close()
+        frees it, not the slice. Freeing a context holds the GIL (0.2-0.3 ms for a small heap),
+        and the slice that ends a script is on the way to the run's end: the run frees it once
+        that end is out (``Run._drive_script``). A script stopped by a limit, or out of memory,
+        has its context dropped at once."""
         self._retired = (self._ctx, self._take, self._settle, self._start)
         self._drop()
 
@@ -522,21 +523,22 @@ class Isolate:
                     f"the return value is {len(text.encode())} bytes of JSON; the limit is "
                     f"{self.limits.result_bytes} bytes: return a summary and keep bulk data elsewhere",
                 )
-                self._retire()
+                self._drop()
                 return Slice(requests=requests, finished=True, failure=failure, cpu_s=cpu_s)
             self._retire()
             return Slice(requests=requests, finished=True, result=_parse_exact(text), cpu_s=cpu_s)
         error = done["error"]
         if self._out_of_memory(error):
+            self._drop()  # a heap at its limit: not kept a moment longer
             failure = self._memory_failure(thrown_null=error.get("name") != "InternalError")
-        else:
-            position = user_position(error.get("stack", ""))
-            failure = ScriptFailure(
-                "error",
-                error.get("name") or "Error",
-                error.get("message") or "",
-                *(position or (None, None)),
-            )
+            return Slice(requests=requests, finished=True, failure=failure, cpu_s=cpu_s)
+        position = user_position(error.get("stack", ""))
+        failure = ScriptFailure(
+            "error",
+            error.get("name") or "Error",
+            error.get("message") or "",
+            *(position or (None, None)),
+        )
         self._retire()
         return Slice(requests=requests, finished=True, failure=failure, cpu_s=cpu_s)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+import sandbox._isolate as sandbox_isolate
+from runtime import Engine, RunRequest, load_settings
 from runtime.store._sqlite import SQLiteStore
 from .test_sqlite_store import call, event, run
 
@@ -246,3 +248,32 @@ async def test_a_stopped_writer_shows_as_a_write_that_waits(tmp_path: Path) -> N
                 os.kill(store.writer_pid, signal.SIGCONT)
             assert store.commit_wait_s() == 0.0
             assert [c.index for c in await store.list_calls("r")] == [0]
+
+
+@pytest.mark.anyio
+async def test_a_run_that_ends_while_the_writer_is_stopped_frees_its_context_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run's final record waits for a hung writer; the script's context (its whole heap) must
+    # not wait with it, or every run ending during a stall would keep its heap.
+    isolates: list[sandbox_isolate.Isolate] = []
+    retire = sandbox_isolate.Isolate._retire
+
+    def recording_retire(self: sandbox_isolate.Isolate) -> None:
+        isolates.append(self)
+        retire(self)
+
+    monkeypatch.setattr(sandbox_isolate.Isolate, "_retire", recording_retire)
+    script = "await new Promise((r) => setTimeout(r, 100)); const a = []; for (let i = 0; i < 20000; i++) a.push({i}); return a.length"
+    with anyio.fail_after(20):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            async with Engine(load_settings(), store, recover=False) as engine:
+                record = await engine.submit(RunRequest(script=script))
+                os.kill(store.writer_pid, signal.SIGSTOP)
+                try:
+                    while not isolates or not isolates[0].closed or isolates[0]._retired is not None:
+                        await anyio.sleep(0.01)
+                    assert not engine.live(record.id).done.is_set()  # its end still waits for the writer
+                finally:
+                    os.kill(store.writer_pid, signal.SIGCONT)
+                assert (await engine.wait(record.id)).result == 20000

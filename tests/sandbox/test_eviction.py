@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from sandbox import Isolate, Request, Slice, check_script
+from sandbox import Isolate, IsolateLimits, Request, Slice, check_script
 
 CONFIG = {"maxAgents": 1000, "maxItems": 4096, "maxLogLines": 1000, "depth": 0, "budgetTotal": None,
           "hasArgs": True, "state": {"spent": 0, "issued": 0}}
@@ -128,6 +128,20 @@ def test_the_slice_that_ends_a_script_leaves_freeing_its_context_to_close() -> N
     assert isolate._retired is not None
     isolate.close()
     assert isolate._retired is None
+
+
+def test_a_script_stopped_by_a_limit_has_its_context_dropped_at_once() -> None:
+    # A result past its size limit, or a heap out of memory: nothing to gain from keeping it.
+    config = {**CONFIG, "args": None, "hasArgs": False}
+    too_big = Isolate(IsolateLimits(result_bytes=100))
+    final = too_big.start(check_script("return 'x'.repeat(1000)").body, config)
+    assert final.failure is not None and final.failure.name == "result_size"
+    assert too_big.closed and too_big._retired is None
+    out_of_memory = Isolate(IsolateLimits(heap_bytes=8 * 1024 * 1024))
+    body = "try { const a = []; while (true) a.push('x'.repeat(1000) + a.length) } catch (e) { throw e }"
+    final = out_of_memory.start(check_script(body).body, config)
+    assert final.failure is not None and final.failure.name == "memory", final.failure
+    assert out_of_memory.closed and out_of_memory._retired is None
 
 
 def test_replay_cpu_is_charged_to_the_script() -> None:
