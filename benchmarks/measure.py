@@ -85,6 +85,13 @@ def git_commit() -> str:
     return _git("rev-parse", "--short", "HEAD") or "unknown"
 
 
+def _runtime_build() -> str:
+    from runtime._native import status
+
+    native = status()
+    return f"{native.reason} ({len(native.modules)} modules)" if native.compiled else f"pure Python: {native.reason}"
+
+
 def machine_info() -> dict[str, Any]:
     """What a reader needs to judge the numbers: hardware, load, interpreter, package versions, commit."""
     try:
@@ -107,6 +114,7 @@ def machine_info() -> dict[str, Any]:
         "python_impl": platform.python_implementation(),
         "packages": {name: _version(name) for name in PACKAGES},
         "git_commit": git_commit(),
+        "runtime": _runtime_build(),
         # Uncommitted changes to tracked files: the numbers describe the work tree, not the commit.
         # The benchmark's own output does not count: a previous run rewrote REPORT.md.
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",

@@ -148,6 +148,7 @@ def _machine(meta: Mapping[str, Any]) -> list[str]:
         f"- Load average at start: {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}"
         + (f"; at end: {', '.join(f'{x:.2f}' for x in meta['loadavg_at_end'])}" if meta.get("loadavg_at_end") else ""),
         f"- OS: {m['os']}; Python {m['python']} ({m['python_impl']})",
+        f"- quickflow's hot path: {m.get('runtime', 'pure Python (before the nineteenth round)')}",
         f"- Packages: {packages}",
         f"- Peer (separate venv `benchmarks/.env`): "
         + (", ".join(f"{k} {v}" for k, v in peer.items()) if peer else "not measured"),

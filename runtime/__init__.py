@@ -4,6 +4,10 @@ The public surface is :class:`Engine` (host runs in-process) with :class:`RunReq
 CLI and the HTTP API both go through it.
 """
 
+from ._native import activate as _activate_native
+
+_activate_native()  # before any compiled module is imported: their sources, if those changed
+
 from .backends import AgentBackend, AgentRequest, AgentResult, SimulateBackend, Usage
 from .config import Settings, load_settings
 from .dispatcher import Dispatcher, DispatcherStatistics

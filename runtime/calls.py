@@ -96,6 +96,9 @@ class LiveCall:
             self.error, list(self.transcript),
         )  # fmt: skip
 
+    def has_scope(self) -> bool:
+        return self.scope is not None
+
     def open_scope(self) -> anyio.CancelScope:
         """The scope the dispatcher runs this call under: ``stop`` and ``restart`` cancel it."""
         self.scope = anyio.CancelScope()

@@ -621,7 +621,7 @@ class Run:
                     backend, request, open_scope=lambda: self._awaits(call),
                     on_retry=lambda attempt, error: self._on_retry(call, attempt, error),
                 )
-                awaited = awaited or call.scope is not None
+                awaited = awaited or call.has_scope()  # not narrowed: the dispatcher may have opened it
                 if call.restart_requested:
                     call.restart_requested = False
                     call.attempt += 1

@@ -1071,16 +1071,22 @@ async def test_two_requests_with_one_idempotency_key_at_once_get_one_run(tmp_pat
     saved: list[RunRecord] = []
     script = "return await agent('only one of us')"
     run_ids: list[str] = []
-    save_run_soon = store.save_run_soon
 
-    def save_and_note(run: RunRecord, done: Callable[[BaseException | None], None]) -> None:
-        run_ids.append(run.id)
-        save_run_soon(run, done)
+    class NotingStore:
+        """The store, noting the id of every run record it is asked to save (SQLiteStore's
+        methods cannot be replaced on it: it may be compiled)."""
 
-    store.save_run_soon = save_and_note  # type: ignore[method-assign]
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def save_run_soon(self, run: RunRecord, done: Callable[[BaseException | None], None]) -> None:
+            run_ids.append(run.id)
+            store.save_run_soon(run, done)
+
     try:
         with anyio.fail_after(20):
-            async with Engine(load_settings(), store, backends={"simulate": backend}, recover=False) as engine:
+            async with Engine(load_settings(), NotingStore(), backends={"simulate": backend},  # type: ignore[arg-type]
+                              recover=False) as engine:
 
                 async def submit() -> None:
                     saved.append(await engine.submit(RunRequest(script=script, idempotency_key="same")))
