@@ -42,6 +42,7 @@ __all__ = ["COMPILED", "MANIFEST", "NativeStatus", "activate", "manifest", "stat
 COMPILED = (
     "runtime/calls.py",
     "runtime/dispatcher.py",
+    "runtime/events.py",
     "runtime/journal.py",
     "runtime/run.py",
     "runtime/scheduling.py",

@@ -50,7 +50,8 @@ from .errors import (
     TooManyStuckRuns,
     WorkflowNotFound,
 )
-from .events import EventLog, EventType, stored_events
+from .events import EventLog, EventType
+from .followers import stored_events
 from .journal import RESUME_MODES, ResumePlan
 from .options import RunOptions
 from .run import Run, RunContext

@@ -9,20 +9,16 @@ nothing is missed and nothing repeats.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
 from enum import Enum
 from typing import Any
 
 import anyio
 
+from .followers import follow
 from .store import EventRecord, Store
 
-__all__ = ["EventLog", "EventType", "stored_events"]
-
-# Events a follower reads from the store at a time: a long run's history goes out as it is
-# read, instead of being loaded whole before its first event is sent.
-STORED_EVENTS_PAGE = 1000
+__all__ = ["EventLog", "EventType"]
 
 
 class EventType(str, Enum):
@@ -48,17 +44,6 @@ class EventType(str, Enum):
 
 
 TERMINAL_EVENTS = frozenset({EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELLED})
-
-
-async def stored_events(store: Store, run_id: str, after_seq: int = 0) -> AsyncGenerator[EventRecord, None]:
-    """The run's stored events after ``after_seq``, in order, read a page at a time."""
-    while True:
-        page = await store.read_events(run_id, after_seq, limit=STORED_EVENTS_PAGE)
-        for event in page:
-            yield event
-        if len(page) < STORED_EVENTS_PAGE:
-            return
-        after_seq = page[-1].seq
 
 
 class EventLog:
@@ -122,36 +107,31 @@ class EventLog:
         start = max(0, after_seq + 1 - self._first_seq)
         return self._events[start:]
 
-    async def follow(self, after_seq: int = 0) -> AsyncIterator[EventRecord]:
-        """Every event with ``seq > after_seq``, then live ones until the log closes.
+    def follow(self, after_seq: int = 0) -> AsyncIterator[EventRecord]:
+        """Every event with ``seq > after_seq``, then live ones until the log closes (see
+        ``followers.follow``: an async generator, which mypyc does not compile)."""
+        return follow(self, after_seq)
 
-        Events before this process started driving the run (after a crash), and every event
-        once the log is archived, come from the store.
-        """
-        while True:
-            if after_seq + 1 < self._first_seq:
-                # Archived before this read began: the store has every event. Archived while
-                # it ran or while its events were handed out: read again for the rest.
-                complete = self._archived
-                async with aclosing(stored_events(self._store, self.run_id, after_seq)) as stored:
-                    async for event in stored:
-                        if event.seq >= self._first_seq:
-                            break
-                        yield event
-                        after_seq = event.seq
-                if complete:
-                    return
-                if self._archived:
-                    continue
-            batch = self.history(after_seq)
-            for event in batch:
-                yield event
-                after_seq = event.seq
-            if self._archived and after_seq + 1 < self._first_seq:
-                continue  # archived while this batch was handed out: the rest is in the store
-            if self._closed and not self.history(after_seq):
-                return
-            if not self.history(after_seq):
-                if self._changed is None:
-                    self._changed = anyio.Event()
-                await self._changed.wait()
+    # For followers (runtime.followers), which read the log as it changes.
+
+    @property
+    def first_seq(self) -> int:
+        return self._first_seq
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def archived(self) -> bool:
+        return self._archived
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    async def changed(self) -> None:
+        """Wait for the next event, or the log's close."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ import pytest
 import regex
 
 import sandbox._isolate as sandbox_isolate
-from runtime import events as events_module
+from runtime import followers
 from runtime import Engine, EventRecord, MemoryStore, RunRecord, RunRequest, SimulateBackend, load_settings, schema
 from runtime.backends import AgentRequest, AgentResult
 from runtime.engine import CHECKED_SCRIPT_CHARS, CHECKED_SCRIPTS
@@ -1008,19 +1008,18 @@ async def test_a_store_that_closes_while_a_run_is_saved_leaves_no_error_to_the_l
     assert any("its start could not be recorded" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_run_whose_start_cannot_be_announced_still_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_run_whose_start_cannot_be_announced_still_goes_on() -> None:
     # Announcing a saved run (its run.queued event) is a callback of the save: whatever goes
     # wrong there, the submitter and the run must not be left waiting for it.
-    emit = events_module.EventLog.emit
 
-    def emit_but_not_queued(self: Any, type: Any, data: Any = None) -> Any:
-        if type is events_module.EventType.RUN_QUEUED:
-            raise ValueError("a bug while announcing the run")
-        return emit(self, type, data)
+    class FailingAnnouncement(MemoryStore):
+        def append_events(self, events: Sequence[EventRecord]) -> None:
+            if any(event.type == "run.queued" for event in events):
+                raise ValueError("a bug while announcing the run")
+            super().append_events(events)
 
-    monkeypatch.setattr(events_module.EventLog, "emit", emit_but_not_queued)
     with anyio.fail_after(10):
-        async with Engine(load_settings(), MemoryStore(), recover=False) as engine:
+        async with Engine(load_settings(), FailingAnnouncement(), recover=False) as engine:
             record = await engine.wait((await engine.submit(RunRequest(script="return await agent('a')"))).id)
     assert record.status == "completed"
 
@@ -1127,7 +1126,7 @@ async def test_a_follower_behind_when_the_run_ends_still_gets_every_event() -> N
 async def test_a_finished_runs_history_is_read_from_the_store_a_page_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     # A follower of a long finished run gets its history as it is read, page by page, not once
     # all of it is in memory: from the archived log, and from a process that never drove the run.
-    monkeypatch.setattr(events_module, "STORED_EVENTS_PAGE", 3)
+    monkeypatch.setattr(followers, "STORED_EVENTS_PAGE", 3)
     store = MemoryStore()
     pages: list[int] = []
     read_events = store.read_events
