@@ -53,7 +53,7 @@ class CompileHotPath(build_ext):
         try:
             from mypyc.build import mypycify
 
-            return mypycify([*MYPY_FLAGS, *NATIVE["COMPILED"]], group_name="quickflow", opt_level="3")
+            return mypycify([*MYPY_FLAGS, *NATIVE["COMPILED"]], group_name=NATIVE["GROUP"], opt_level="3")
         except (Exception, SystemExit) as exc:  # mypyc missing, or refusing a module
             _warn("cannot be generated", exc)
             return []

@@ -34,7 +34,7 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["COMPILED", "MANIFEST", "NativeStatus", "activate", "manifest", "status"]
+__all__ = ["COMPILED", "GROUP", "MANIFEST", "NativeStatus", "activate", "manifest", "status"]
 
 #: Source paths, relative to the project root. None of their classes may be subclassed or
 #: patched from interpreted code (mypyc's native classes): tests and plugins use the
@@ -49,6 +49,9 @@ COMPILED = (
     "runtime/script.py",
     "runtime/store/_sqlite.py",
 )
+#: mypyc's group: the compiled modules share one library, ``runtime/_compiled__mypyc``. In the
+#: package, not at the top level, so that an editable install finds it from anywhere.
+GROUP = "runtime._compiled"
 #: Written by ``setup.py`` beside this file: ``{"compiler": ..., "sources": {path: sha256}}``.
 MANIFEST = "_native.json"
 
@@ -93,6 +96,10 @@ def check(root: Path = _ROOT) -> NativeStatus:
         return NativeStatus(False, "not compiled (built with QUICKFLOW_COMPILE=0, or without a C compiler)")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return NativeStatus(False, f"the manifest runtime/{MANIFEST} is unreadable ({exc})")
+    library = GROUP.replace(".", "/") + "__mypyc.py"  # a source that does not exist: its extension does
+    if not _has_extension(root / library):
+        return NativeStatus(False, f"the compiled modules' library {library[:-3]} is missing: reinstall to compile "
+                                   "it", stale=True)
     for path in COMPILED:
         source = root / path
         if not _has_extension(source):

@@ -7,6 +7,7 @@ import importlib.machinery
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 import runtime.run
 from runtime import _native
-from runtime._native import COMPILED, MANIFEST, check
+from runtime._native import COMPILED, GROUP, MANIFEST, check
 
 PROJECT = Path(__file__).resolve().parents[2]
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -28,6 +29,8 @@ def _tree(root: Path, *, manifest: bool = True, extensions: bool = True) -> Path
         shutil.copyfile(PROJECT / path, target)
         if extensions:
             target.with_name(target.stem + SUFFIX).write_bytes(b"not loaded by check()")
+    if extensions:
+        (root / (GROUP.replace(".", "/") + "__mypyc" + SUFFIX)).write_bytes(b"the modules' shared library")
     if manifest:
         (root / "runtime" / MANIFEST).write_text(json.dumps(_native.manifest("mypyc test", root)))
     return root
@@ -61,6 +64,25 @@ def test_a_missing_extension_runs_every_module_from_source(tmp_path: Path) -> No
     status = check(root)
     assert not status.compiled and status.stale
     assert "runtime/scheduling.py has no compiled extension" in status.reason
+
+
+def test_a_missing_shared_library_runs_every_module_from_source(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    (root / (GROUP.replace(".", "/") + "__mypyc" + SUFFIX)).unlink()
+    status = check(root)
+    assert not status.compiled and status.stale
+    assert "runtime/_compiled__mypyc is missing" in status.reason
+
+
+def test_the_runtime_imports_from_another_directory(tmp_path: Path) -> None:
+    # As the `quickflow` command does: the project directory is not on sys.path, only the
+    # install's own path entries, which must lead to the compiled modules' library too.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = "import runtime.run; from runtime._native import status; print(status().compiled)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(_native.status().compiled)
 
 
 def test_an_unreadable_manifest_is_reported(tmp_path: Path) -> None:
