@@ -34,7 +34,10 @@ def _warn(what: str, exc: BaseException) -> None:
 
 class CompileHotPath(build_ext):
     """Generates the C code only when extensions are built (setup.py also runs for metadata),
-    builds every compiled module or none, and records which sources they were built from."""
+    builds every compiled module or none, and records which sources they were built from: read
+    before mypyc reads them, so an edit made during the build makes the build stale."""
+
+    _manifest: dict | None = None
 
     def finalize_options(self) -> None:
         if self.distribution.ext_modules is PLACEHOLDER:  # once per process
@@ -42,19 +45,35 @@ class CompileHotPath(build_ext):
             self.distribution.ext_modules = [] if metadata_only else self._generate()
         super().finalize_options()
 
+    def _in_tree(self) -> bool:
+        """An editable install: the extensions go beside the sources, and so does the manifest.
+        A wheel leaves the work tree's manifest alone: it describes the extensions there."""
+        return bool(getattr(self, "editable_mode", False) or "editable_wheel" in sys.argv or self.inplace)
+
     def _generate(self) -> list[Extension]:
         if os.environ.get("QUICKFLOW_COMPILE", "1") == "0":
-            MANIFEST.unlink(missing_ok=True)
+            if self._in_tree():
+                MANIFEST.unlink(missing_ok=True)
             return []
-        editable = getattr(self, "editable_mode", False) or "editable_wheel" in sys.argv
-        if editable and NATIVE["check"](ROOT).compiled:
-            return []  # compiled from these very sources already
-        MANIFEST.unlink(missing_ok=True)
         try:
+            import mypy.version
             from mypyc.build import mypycify
-
+        except ImportError as exc:
+            _warn("cannot be generated", exc)
+            return []
+        compiler = f"mypyc {mypy.version.__version__}"
+        if self._in_tree():
+            status = NATIVE["check"](ROOT)
+            if status.compiled and status.reason == f"compiled with {compiler}":
+                return []  # compiled from these very sources, by this compiler, already
+            if NATIVE["failed_before"](compiler, ROOT):
+                return []  # and it would fail again (runtime._native warns at start)
+            MANIFEST.unlink(missing_ok=True)
+        self._manifest = NATIVE["manifest"](compiler, ROOT)
+        try:
             return mypycify([*MYPY_FLAGS, *NATIVE["COMPILED"]], group_name=NATIVE["GROUP"], opt_level="3")
-        except (Exception, SystemExit) as exc:  # mypyc missing, or refusing a module
+        except (Exception, SystemExit) as exc:  # mypyc refusing a module
+            self._record(failed=f"mypyc: {exc}")
             _warn("cannot be generated", exc)
             return []
 
@@ -64,14 +83,19 @@ class CompileHotPath(build_ext):
         try:
             super().run()
         except Exception as exc:  # no compiler, a failed compile: pure Python works the same
+            self._record(failed=f"the C compiler: {exc}")
             _warn("were not built", exc)
             self.extensions = self.distribution.ext_modules = []
             return
-        import mypy.version
+        self._record()
 
-        text = json.dumps(NATIVE["manifest"](f"mypyc {mypy.version.__version__}", ROOT), indent=1) + "\n"
-        MANIFEST.write_text(text)  # an editable install reads it here
-        if not self.inplace:  # a wheel: beside the modules it packs
+    def _record(self, failed: str | None = None) -> None:
+        assert self._manifest is not None
+        written = dict(self._manifest, **({"failed": failed} if failed else {}))
+        text = json.dumps(written, indent=1) + "\n"
+        if self._in_tree():
+            MANIFEST.write_text(text)
+        elif failed is None:  # a wheel: beside the modules it packs
             target = Path(self.build_lib) / "runtime" / MANIFEST.name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)

@@ -34,7 +34,7 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["COMPILED", "GROUP", "MANIFEST", "NativeStatus", "activate", "manifest", "status"]
+__all__ = ["COMPILED", "GROUP", "MANIFEST", "NativeStatus", "activate", "failed_before", "manifest", "status"]
 
 #: Source paths, relative to the project root. None of their classes may be subclassed or
 #: patched from interpreted code (mypyc's native classes): tests and plugins use the
@@ -63,7 +63,7 @@ class NativeStatus:
     compiled: bool  # the compiled modules are the ones imported
     reason: str  # why not, or what compiled them
     modules: tuple[str, ...] = ()
-    stale: bool = False  # they were compiled, from other sources than these
+    warn: bool = False  # a build that should have run compiled does not: stale, or it failed
 
 
 def _module_name(path: str) -> str:
@@ -74,9 +74,28 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def manifest(compiler: str, root: Path = _ROOT) -> dict[str, object]:
-    """What ``setup.py`` writes once it has compiled :data:`COMPILED` under ``root``."""
-    return {"compiler": compiler, "sources": {path: _digest(root / path) for path in COMPILED}}
+def manifest(compiler: str, root: Path = _ROOT, *, failed: str | None = None) -> dict[str, object]:
+    """What ``setup.py`` writes for the sources of :data:`COMPILED` under ``root``, read before
+    it compiles them: that they compiled, or why they did not (``failed``)."""
+    written: dict[str, object] = {"compiler": compiler, "sources": {path: _digest(root / path) for path in COMPILED}}
+    if failed is not None:
+        written["failed"] = failed
+    return written
+
+
+def _recorded(root: Path) -> dict[str, object] | None:
+    try:
+        recorded = json.loads((root / "runtime" / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def failed_before(compiler: str, root: Path = _ROOT) -> bool:
+    """Whether ``compiler`` already failed on these very sources (``setup.py`` does not retry)."""
+    recorded = _recorded(root)
+    return (recorded is not None and "failed" in recorded and recorded.get("compiler") == compiler
+            and recorded.get("sources") == manifest(compiler, root)["sources"])
 
 
 def _has_extension(source: Path) -> bool:
@@ -93,20 +112,25 @@ def check(root: Path = _ROOT) -> NativeStatus:
         recorded = json.loads((root / "runtime" / MANIFEST).read_text())
         sources, compiler = dict(recorded["sources"]), str(recorded["compiler"])
     except FileNotFoundError:
-        return NativeStatus(False, "not compiled (built with QUICKFLOW_COMPILE=0, or without a C compiler)")
+        return NativeStatus(False, "not compiled (installed with QUICKFLOW_COMPILE=0)")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return NativeStatus(False, f"the manifest runtime/{MANIFEST} is unreadable ({exc})")
+        return NativeStatus(False, f"the manifest runtime/{MANIFEST} is unreadable ({exc})", warn=True)
+    if "failed" in recorded:
+        return NativeStatus(False, f"the install could not compile them: {recorded['failed']}", warn=True)
+    if set(sources) != set(COMPILED):
+        return NativeStatus(False, "they were compiled from another list of modules (another checkout?): "
+                                   "reinstall to compile them again", warn=True)
     library = GROUP.replace(".", "/") + "__mypyc.py"  # a source that does not exist: its extension does
     if not _has_extension(root / library):
         return NativeStatus(False, f"the compiled modules' library {library[:-3]} is missing: reinstall to compile "
-                                   "it", stale=True)
+                                   "it", warn=True)
     for path in COMPILED:
         source = root / path
         if not _has_extension(source):
-            return NativeStatus(False, f"{path} has no compiled extension: reinstall to compile it", stale=True)
+            return NativeStatus(False, f"{path} has no compiled extension: reinstall to compile it", warn=True)
         if sources.get(path) != _digest(source):
             return NativeStatus(False, f"{path} changed since it was compiled: reinstall to compile it again",
-                                stale=True)
+                                warn=True)
     return NativeStatus(True, f"compiled with {compiler}", names)
 
 
@@ -136,8 +160,11 @@ def activate() -> NativeStatus:
     if _status is None:
         _status = check()
         if not _status.compiled:
-            sys.meta_path.insert(0, _SourcesFirst([_module_name(path) for path in COMPILED]))
-        if _status.stale:
+            # And whatever an earlier build compiled: a checkout may list fewer modules.
+            earlier = (_recorded(_ROOT) or {}).get("sources")
+            paths = set(COMPILED) | (set(earlier) if isinstance(earlier, dict) else set())
+            sys.meta_path.insert(0, _SourcesFirst([_module_name(str(path)) for path in paths]))
+        if _status.warn:
             logging.getLogger("quickflow.native").warning("running the pure-Python runtime: %s", _status.reason)
     return _status
 

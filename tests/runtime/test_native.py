@@ -38,15 +38,15 @@ def _tree(root: Path, *, manifest: bool = True, extensions: bool = True) -> Path
 
 def test_extensions_built_from_these_sources_are_used(tmp_path: Path) -> None:
     status = check(_tree(tmp_path))
-    assert status.compiled and not status.stale
+    assert status.compiled and not status.warn
     assert status.reason == "compiled with mypyc test"
     assert status.modules == tuple(path.removesuffix(".py").replace("/", ".") for path in COMPILED)
 
 
 def test_an_install_that_compiled_nothing_runs_the_sources_quietly(tmp_path: Path) -> None:
     status = check(_tree(tmp_path, manifest=False, extensions=False))
-    assert not status.compiled and not status.stale
-    assert "not compiled" in status.reason
+    assert not status.compiled and not status.warn
+    assert status.reason == "not compiled (installed with QUICKFLOW_COMPILE=0)"
 
 
 def test_a_source_edited_after_the_build_runs_every_module_from_source(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_a_source_edited_after_the_build_runs_every_module_from_source(tmp_path:
     edited = root / "runtime" / "journal.py"
     edited.write_text(edited.read_text() + "\n# edited\n")
     status = check(root)
-    assert not status.compiled and status.stale
+    assert not status.compiled and status.warn
     assert status.reason == "runtime/journal.py changed since it was compiled: reinstall to compile it again"
 
 
@@ -62,7 +62,7 @@ def test_a_missing_extension_runs_every_module_from_source(tmp_path: Path) -> No
     root = _tree(tmp_path)
     (root / "runtime" / ("scheduling" + SUFFIX)).unlink()
     status = check(root)
-    assert not status.compiled and status.stale
+    assert not status.compiled and status.warn
     assert "runtime/scheduling.py has no compiled extension" in status.reason
 
 
@@ -70,7 +70,7 @@ def test_a_missing_shared_library_runs_every_module_from_source(tmp_path: Path) 
     root = _tree(tmp_path)
     (root / (GROUP.replace(".", "/") + "__mypyc" + SUFFIX)).unlink()
     status = check(root)
-    assert not status.compiled and status.stale
+    assert not status.compiled and status.warn
     assert "runtime/_compiled__mypyc is missing" in status.reason
 
 
@@ -83,6 +83,31 @@ def test_the_runtime_imports_from_another_directory(tmp_path: Path) -> None:
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(_native.status().compiled)
+
+
+def test_a_failed_compile_is_reported_and_not_retried_on_the_same_sources(tmp_path: Path) -> None:
+    root = _tree(tmp_path, manifest=False)
+    (root / "runtime" / MANIFEST).write_text(json.dumps(_native.manifest("mypyc test", root, failed="no cc")))
+    status = check(root)
+    assert not status.compiled and status.warn
+    assert status.reason == "the install could not compile them: no cc"
+    assert _native.failed_before("mypyc test", root)
+    assert not _native.failed_before("mypyc other", root)
+    edited = root / "runtime" / "run.py"
+    edited.write_text(edited.read_text() + "\n# edited\n")
+    assert not _native.failed_before("mypyc test", root)  # new sources: worth another try
+
+
+def test_extensions_of_another_list_of_modules_are_not_used(tmp_path: Path) -> None:
+    # A checkout whose list differs from the one its extensions were compiled from.
+    root = _tree(tmp_path, manifest=False)
+    recorded = _native.manifest("mypyc test", root)
+    sources = recorded["sources"]
+    assert isinstance(sources, dict)
+    sources["runtime/engine.py"] = "0" * 64
+    (root / "runtime" / MANIFEST).write_text(json.dumps(recorded))
+    status = check(root)
+    assert not status.compiled and status.warn and "another list of modules" in status.reason
 
 
 def test_an_unreadable_manifest_is_reported(tmp_path: Path) -> None:
