@@ -28,6 +28,11 @@ MYPY_FLAGS = ["--allow-subclassing-any", "--allow-untyped-decorators", "--no-war
 PLACEHOLDER = [Extension("quickflow__mypyc", sources=[])]
 
 
+def _short(exc: BaseException) -> str:
+    text = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= 100 else text[:100] + "…"
+
+
 def _warn(what: str, exc: BaseException) -> None:
     print(f"warning: quickflow's compiled modules {what} ({exc}); installing pure Python", file=sys.stderr)
 
@@ -73,7 +78,7 @@ class CompileHotPath(build_ext):
         try:
             return mypycify([*MYPY_FLAGS, *NATIVE["COMPILED"]], group_name=NATIVE["GROUP"], opt_level="3")
         except (Exception, SystemExit) as exc:  # mypyc refusing a module
-            self._record(failed=f"mypyc: {exc}")
+            self._record(failed=f"mypyc: {_short(exc)}")
             _warn("cannot be generated", exc)
             return []
 
@@ -83,7 +88,7 @@ class CompileHotPath(build_ext):
         try:
             super().run()
         except Exception as exc:  # no compiler, a failed compile: pure Python works the same
-            self._record(failed=f"the C compiler: {exc}")
+            self._record(failed=f"the C compiler: {_short(exc)}")
             _warn("were not built", exc)
             self.extensions = self.distribution.ext_modules = []
             return
