@@ -25,7 +25,7 @@ MYPY_FLAGS = ["--allow-subclassing-any", "--allow-untyped-decorators", "--no-war
 
 # Replaced by the generated extensions when build_ext is set up; meanwhile it makes the wheel
 # platform-specific and build_ext run.
-PLACEHOLDER = [Extension("quickflow__mypyc", sources=[])]
+PLACEHOLDER = [Extension(NATIVE["GROUP"] + "__mypyc", sources=[])]
 
 
 def _short(exc: BaseException) -> str:
