@@ -33,6 +33,7 @@ from importlib.abc import MetaPathFinder
 from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 __all__ = ["COMPILED", "GROUP", "MANIFEST", "NativeStatus", "activate", "failed_before", "manifest", "status"]
 
@@ -83,9 +84,13 @@ def manifest(compiler: str, root: Path = _ROOT, *, failed: str | None = None) ->
     return written
 
 
+def _read_manifest(root: Path) -> Any:
+    return json.loads((root / "runtime" / MANIFEST).read_text())
+
+
 def _recorded(root: Path) -> dict[str, object] | None:
     try:
-        recorded = json.loads((root / "runtime" / MANIFEST).read_text())
+        recorded = _read_manifest(root)
     except (OSError, ValueError):
         return None
     return recorded if isinstance(recorded, dict) else None
@@ -105,11 +110,10 @@ def _has_extension(source: Path) -> bool:
 
 def check(root: Path = _ROOT) -> NativeStatus:
     """Whether the extensions under ``root`` were compiled from the sources there now."""
-    names = tuple(_module_name(path) for path in COMPILED)
     if os.environ.get("QUICKFLOW_PURE", "") not in ("", "0"):
         return NativeStatus(False, "QUICKFLOW_PURE is set")
     try:
-        recorded = json.loads((root / "runtime" / MANIFEST).read_text())
+        recorded = _read_manifest(root)
         sources, compiler = dict(recorded["sources"]), str(recorded["compiler"])
     except FileNotFoundError:
         return NativeStatus(False, "not compiled (installed with QUICKFLOW_COMPILE=0)")
@@ -131,7 +135,7 @@ def check(root: Path = _ROOT) -> NativeStatus:
         if sources.get(path) != _digest(source):
             return NativeStatus(False, f"{path} changed since it was compiled: reinstall to compile it again",
                                 warn=True)
-    return NativeStatus(True, f"compiled with {compiler}", names)
+    return NativeStatus(True, f"compiled with {compiler}", tuple(_module_name(path) for path in COMPILED))
 
 
 class _SourcesFirst(MetaPathFinder):
