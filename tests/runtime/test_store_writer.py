@@ -190,6 +190,18 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.anyio
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+async def test_the_writer_and_its_checkpointer_never_preempt_the_event_loop(tmp_path: Path) -> None:
+    # Under the default policy a woken writer took the loop's CPU for a whole commit.
+    with anyio.fail_after(20):
+        async with await SQLiteStore.open(tmp_path / "q.db") as store:
+            await store.save_call(call("r", 0))
+            threads = os.listdir(f"/proc/{store.writer_pid}/task")
+            assert len(threads) >= 1
+            assert {os.sched_getscheduler(int(tid)) for tid in threads} == {os.SCHED_BATCH}
+
+
+@pytest.mark.anyio
 async def test_a_writer_killed_during_aclose_leaves_nothing_behind(tmp_path: Path) -> None:
     with anyio.fail_after(20):
         store = await SQLiteStore.open(tmp_path / "q.db")
