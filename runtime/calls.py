@@ -22,6 +22,8 @@ from .store import CallRecord
 
 __all__ = ["LiveCall", "PhaseStats", "default_label"]
 
+_NO_USAGE = Usage()
+
 
 _WORD = re.compile(r"\S+")
 _LABEL_CHARS = 60
@@ -43,48 +45,56 @@ def default_label(prompt: str) -> str:
 
 
 
-@dataclass(slots=True)
 class LiveCall:
-    """An agent call while its run is live; ``record()`` is its journal entry."""
+    """An agent call while its run is live; ``record()`` is its journal entry.
 
-    index: int
-    key: str
-    occurrence: int
-    prompt: str
-    options: dict[str, Any]
-    label: str
-    phase: str
-    status: AgentStatus = AgentStatus.QUEUED
-    attempt: int = 1
-    output: Any = None
-    usage: Usage = Usage()
-    cost_usd: float = 0.0
-    model: str | None = None
-    error: str | None = None
-    queued_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    transcript: list[Any] = field(default_factory=list)
-    scope: anyio.CancelScope | None = None
-    # Queue order on the run's queue (see scheduling.queue_priority).
-    priority: tuple[int, ...] = ()
-    # Started by a pipeline stage with a stage after it, for one of the pipeline's first items:
-    # its worker may keep the slot for the item's next stage (see Workers._worker).
-    holds_slot: bool = False
-    # (stage, item) when a pipeline stage started the call: a worker holding its slot for that
-    # item's next stage is handed that call directly (see Workers.push).
-    stage_of: tuple[int, int] | None = None
-    schema: Any = None
-    cached_source: CallRecord | None = None  # served from the resume source, not executed
-    deliver: Callable[[bool, Any], None] | None = None
-    # Called right after ``deliver``: a future resolved once the script has run the slice that
-    # saw this result and queued what it asked for.
-    handled: Callable[[], asyncio.Future[None]] | None = None
-    handled_event: asyncio.Future[None] | None = None
-    delivered: bool = False  # the script has been handed the result (or never will be)
-    on_delivered: asyncio.Future[None] | None = None  # resolved then, for a worker that waits for it
-    stop_requested: bool = False
-    restart_requested: bool = False
+    A plain class, not a dataclass: one is made per agent, and the ``__init__`` a dataclass
+    generates stays interpreted Python where this one is compiled (see ``runtime/_native``).
+    """
+
+    def __init__(self, index: int, key: str, occurrence: int, prompt: str, options: dict[str, Any],
+                 label: str, phase: str, *, model: str | None = None) -> None:
+        self.index = index
+        self.key = key
+        self.occurrence = occurrence
+        self.prompt = prompt
+        self.options = options
+        self.label = label
+        self.phase = phase
+        self.status = AgentStatus.QUEUED
+        self.attempt = 1
+        self.output: Any = None
+        self.usage = _NO_USAGE
+        self.cost_usd = 0.0
+        self.model = model
+        self.error: str | None = None
+        self.queued_at = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.transcript: list[Any] = []
+        self.scope: anyio.CancelScope | None = None
+        # Queue order on the run's queue (see scheduling.queue_priority).
+        self.priority: tuple[int, ...] = ()
+        # Started by a pipeline stage with a stage after it, for one of the pipeline's first
+        # items: its worker may keep the slot for the item's next stage (see Workers._worker).
+        self.holds_slot = False
+        # (stage, item) when a pipeline stage started the call: a worker holding its slot for
+        # that item's next stage is handed that call directly (see Workers.push).
+        self.stage_of: tuple[int, int] | None = None
+        self.schema: Any = None
+        self.cached_source: CallRecord | None = None  # served from the resume source, not executed
+        self.deliver: Callable[[bool, Any], None] | None = None
+        # Called right after ``deliver``: a future resolved once the script has run the slice
+        # that saw this result and queued what it asked for.
+        self.handled: Callable[[], asyncio.Future[None]] | None = None
+        self.handled_event: asyncio.Future[None] | None = None
+        self.delivered = False  # the script has been handed the result (or never will be)
+        self.on_delivered: asyncio.Future[None] | None = None  # resolved then, for a worker that waits for it
+        self.stop_requested = False
+        self.restart_requested = False
+
+    def __repr__(self) -> str:
+        return f"LiveCall(index={self.index}, label={self.label!r}, status={self.status.value})"
 
     def record(self, run_id: str, status: AgentStatus | None = None) -> CallRecord:
         # Positional, in CallRecord's field order: keywords cost twice as much, once per agent.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Coroutine, Generator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import anyio
@@ -32,18 +32,26 @@ logger = logging.getLogger("quickflow.dispatcher")
 _NO_USAGE = Usage()  # immutable (see Usage): one for every call that has used nothing yet
 
 
-@dataclass(slots=True)  # not frozen (cheaper to make, once per call); treat as immutable
 class AgentOutcome:
-    """``status``: completed | failed | timeout | structured_output_error."""
+    """``status``: completed | failed | timeout | structured_output_error. Treat as immutable.
 
-    status: str
-    output: Any = None
-    usage: Usage = Usage()
-    cost_usd: float = 0.0
-    model: str | None = None
-    attempts: int = 0
-    error: str | None = None
-    transcript: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    A plain class: one is made per call, and a dataclass's ``__init__`` stays interpreted
+    where this one is compiled (see ``runtime/_native``)."""
+
+    def __init__(self, status: str, output: Any = None, usage: Usage = _NO_USAGE, cost_usd: float = 0.0,
+                 model: str | None = None, attempts: int = 0, error: str | None = None,
+                 transcript: tuple[Mapping[str, Any], ...] = ()) -> None:
+        self.status = status
+        self.output = output
+        self.usage = usage
+        self.cost_usd = cost_usd
+        self.model = model
+        self.attempts = attempts
+        self.error = error
+        self.transcript = transcript
+
+    def __repr__(self) -> str:
+        return f"AgentOutcome({self.status!r}, attempts={self.attempts}, error={self.error!r})"
 
 
 @dataclass(frozen=True)

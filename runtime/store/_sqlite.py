@@ -120,23 +120,25 @@ class StoreStatistics:
     checkpoints: int  # WAL checkpoints run by the writer's checkpointer thread
 
 
-@dataclass(slots=True)
 class _Sent:
-    """A write sent to the writer and not answered yet: who waits, and what to log if it fails."""
+    """A write sent to the writer and not answered yet: who waits, and what to log if it fails.
 
-    waiter: _Waiter | None
-    what: str
-    events: int = 0
+    A plain class: one is made per write, and a dataclass's ``__init__`` stays interpreted."""
+
+    def __init__(self, waiter: _Waiter | None, what: str, events: int = 0) -> None:
+        self.waiter = waiter
+        self.what = what
+        self.events = events
 
 
 def _pop_all(pending: deque[T]) -> list[T]:
     # Until empty, not len() times: entries appended meanwhile (from another thread) come along.
+    # Only the loop takes from it; other threads only append. (Not until IndexError: an
+    # exception per call costs more in compiled code than the test does.)
     taken: list[T] = []
-    try:
-        while True:
-            taken.append(pending.popleft())
-    except IndexError:
-        return taken
+    while pending:
+        taken.append(pending.popleft())
+    return taken
 
 
 def _error(described: tuple[str, str]) -> BaseException:
@@ -347,7 +349,10 @@ class SQLiteStore:
         await future
 
     def journal_call(self, call: CallRecord, done: JournalCallback) -> None:
-        self._pend_call(call, asyncio.get_running_loop(), done)
+        # On the store's own thread, its loop: asyncio.get_running_loop() makes a system call
+        # (getpid), once per agent.
+        loop = self._loop if threading.get_ident() == self._loop_thread else asyncio.get_running_loop()
+        self._pend_call(call, loop, done)
 
     def _pend_call(self, call: CallRecord, loop: asyncio.AbstractEventLoop,
                    waiter: asyncio.Future[int] | JournalCallback) -> None:
