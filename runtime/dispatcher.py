@@ -116,6 +116,15 @@ class Dispatcher:
         if not getattr(backend, "eager", False) or not self._limiter.try_acquire():
             return await self._execute_scoped(backend, request, open_scope(), on_retry)
         self._executed += 1
+        if request.schema is None:
+            try:
+                answered = self._answer_now(backend, request)
+            except BaseException:
+                self._limiter.release()
+                raise
+            if answered is not None:
+                self._limiter.release()
+                return answered
         attempts = self._attempts(backend, request, on_retry)
         try:
             first = attempts.send(None)
@@ -183,7 +192,7 @@ class Dispatcher:
                                     error=f"backend error: {type(exc).__name__}: {exc}",
                                     transcript=tuple(transcript), model=model)
             usage = result.usage if attempt == 1 else usage + result.usage
-            cost += result.cost_usd or (self._cost(result.model or model or "", result.usage) if self._cost else 0.0)
+            cost += self._cost_of(result, model)
             model = result.model or model
             transcript.extend(result.transcript)
             if request.schema is None:
@@ -208,6 +217,29 @@ class Dispatcher:
             error=last_error,
             transcript=tuple(transcript),
         )
+
+    def _answer_now(self, backend: AgentBackend, request: AgentRequest) -> AgentOutcome | None:
+        """The outcome of a call its backend answers without awaiting (``answer_now``, see
+        ``AgentBackend``), or None to call it: no coroutine to make, and no StopIteration to raise
+        and catch (in compiled code, with a traceback). A backend that fails here is called
+        anyway, which reports the failure as a call would."""
+        answer_now = getattr(backend, "answer_now", None)
+        if answer_now is None:
+            return None
+        try:
+            result: AgentResult | None = answer_now(request)
+        except Exception:
+            return None
+        if result is None:
+            return None
+        model = result.model or request.model
+        return self._finish(result.text, result.usage, self._cost_of(result, request.model), model, 1,
+                            list(result.transcript))
+
+    def _cost_of(self, result: AgentResult, model: str | None) -> float:
+        if result.cost_usd:
+            return result.cost_usd
+        return self._cost(result.model or model or "", result.usage) if self._cost else 0.0
 
     def _finish(
         self, output: Any, usage: Usage, cost: float, model: str | None, attempts: int, transcript: list[Mapping[str, Any]]

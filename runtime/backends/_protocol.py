@@ -113,6 +113,9 @@ class AgentBackend(Protocol):
     A backend may also set ``eager = True`` when its ``call`` opens no cancel scope or task
     group before its first await: the dispatcher then starts it before opening the call's own
     scope, and an answer that needs no await (a zero-latency simulated agent) costs no scope.
+    An eager backend may go further with ``answer_now(request) -> AgentResult | None``: the
+    answer ``call`` would give, computed without awaiting or blocking, or None to have ``call``
+    asked. The dispatcher asks it first for calls without a schema.
     """
 
     name: str

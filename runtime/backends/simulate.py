@@ -163,6 +163,17 @@ class SimulateBackend:
         self.record_path = record_path or (Path(env) if env else None)
         self.executions = 0
 
+    def answer_now(self, request: AgentRequest) -> AgentResult | None:
+        """A plain answer, the common case, without a coroutine (see ``AgentBackend``): None when
+        the run's settings or a schema shape the answer, executions are recorded, or a subclass
+        changed ``call`` (which is then asked instead)."""
+        if (request.settings or request.schema is not None or self.record_path is not None
+                or type(self).call is not SimulateBackend.call):
+            return None
+        self.executions += 1
+        text = _plain_answer(request.label, request.prompt)
+        return _result(request, text, _tokens(text))
+
     async def call(self, request: AgentRequest) -> AgentResult:
         settings = request.settings
         self.executions += 1

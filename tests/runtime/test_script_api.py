@@ -778,6 +778,22 @@ class TaskRecordingBackend(SimulateBackend):
         return await super().call(request)
 
 
+async def test_the_simulate_backend_answers_at_once_only_what_its_call_would_answer() -> None:
+    # The dispatcher asks answer_now() first: it must give call()'s answer, or step aside.
+    backend = SimulateBackend()
+    request = AgentRequest("r", 0, "summarise the report", "summary")
+    now = backend.answer_now(request)
+    assert now is not None and now == await backend.call(request)
+    assert backend.executions == 2  # counted either way
+    for shaped in (AgentRequest("r", 1, "p", settings={"latency_ms": 5}),
+                   AgentRequest("r", 2, "p", schema={"type": "object"}),
+                   AgentRequest("r", 3, "p", settings={"fail": ["p"]})):
+        assert backend.answer_now(shaped) is None
+    assert TaskRecordingBackend().answer_now(request) is None  # its own call() is asked instead
+    assert SimulateBackend(record_path=Path("/nonexistent/calls.jsonl")).answer_now(request) is None
+    assert backend.executions == 2
+
+
 async def test_a_burst_of_calls_that_answer_at_once_keeps_few_workers_busy() -> None:
     # Calls that never await cannot run side by side: a worker for each of 64 slots would only
     # be woken to find the queue empty again. Two take turns instead.
