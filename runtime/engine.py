@@ -120,6 +120,7 @@ class Engine:
         self._tg: TaskGroup | None = None
         # While a task prepares spare isolates: the event a run's end sets (the task waits for it).
         self._run_ended: anyio.Event | None = None
+        self._spares_wanted: anyio.Event | None = None  # set when a run has taken a spare (see _keep_spares)
         self._checks = _RecentChecks(CHECKED_SCRIPTS, CHECKED_SCRIPT_CHARS)
         self._ctx = RunContext(
             store=store,
@@ -143,6 +144,7 @@ class Engine:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._release_memory)
+        self._tg.start_soon(self._keep_spares)
         if self._recover:
             await self._recover_runs()
         return self
@@ -152,16 +154,22 @@ class Engine:
         """Isolates of waiting scripts given up to save memory in this process (see Limits.evict_idle_s)."""
         return sandbox.evictions_total()
 
-    async def _prepare_isolates(self, ended: anyio.Event) -> None:
+    async def _keep_spares(self) -> None:
         """Top up the spare isolates that let a run skip hardening on its critical path, once
-        a run ends or ``SPARES_AFTER_S`` has passed."""
-        try:
-            with anyio.move_on_after(SPARES_AFTER_S):
-                await ended.wait()
-            while sandbox.spare_isolates_wanted():
-                await anyio.to_thread.run_sync(sandbox.prepare_spare_isolate)
-        finally:
-            self._run_ended = None
+        a run has taken one (``_top_up_isolates``) and then ended, or ``SPARES_AFTER_S`` has
+        passed. One task for the engine's life: starting one per run cost each run tens of
+        microseconds on its critical path."""
+        while True:
+            self._spares_wanted = wanted = anyio.Event()
+            await wanted.wait()
+            try:
+                with anyio.move_on_after(SPARES_AFTER_S):
+                    if self._run_ended is not None:
+                        await self._run_ended.wait()
+                while sandbox.spare_isolates_wanted():
+                    await anyio.to_thread.run_sync(sandbox.prepare_spare_isolate)
+            finally:
+                self._run_ended = None
 
     async def _release_memory(self) -> None:
         """Once a second, if scripts gave up their isolates meanwhile, hand the freed memory back
@@ -359,9 +367,9 @@ class Engine:
     def _top_up_isolates(self) -> None:
         """Called once a run's first slice is done: the spares are prepared after a run ends
         (see ``SPARES_AFTER_S``), so that preparing them competes with no run's work."""
-        if self._run_ended is None and sandbox.spare_isolates_wanted() and self._tg is not None:
+        if self._run_ended is None and sandbox.spare_isolates_wanted() and self._spares_wanted is not None:
             self._run_ended = anyio.Event()
-            self._tg.start_soon(self._prepare_isolates, self._run_ended)
+            self._spares_wanted.set()
 
     async def _drive(self, run: Run, queued: asyncio.Future[None] | None) -> None:
         try:
