@@ -77,6 +77,19 @@ def _preview(value: Any) -> str:
 _CALL_OPTIONS = frozenset({"schema", "model", "effort", "agentType", "isolation", "timeout"})
 
 
+class _TokenTotals:
+    """A run's tokens so far. Summed in place: adding Usage values made one per agent."""
+
+    def __init__(self) -> None:
+        self.input = self.output = self.cache_read = self.cache_write = 0
+
+    def add(self, usage: Usage) -> None:
+        self.input += usage.input_tokens
+        self.output += usage.output_tokens
+        self.cache_read += usage.cache_read_tokens
+        self.cache_write += usage.cache_write_tokens
+
+
 def _js_error(name: str, message: str) -> dict[str, str]:
     return {"name": name, "message": message}
 
@@ -134,7 +147,7 @@ class Run:
         self._journal_error: BaseException | None = None
         self._settings: dict[str, Any] | None = None  # what backends get (see _backend_settings)
         self.issued = 0
-        self.usage = Usage()
+        self.tokens = _TokenTotals()  # the run's usage so far, summed in place (once per agent)
         self.cost_usd = 0.0
         self.spent = 0
         self.log_lines = 0
@@ -304,10 +317,10 @@ class Run:
         return {
             "agents": {"total": len(self.calls), **counts},
             "tokens": {
-                "input": self.usage.input_tokens,
-                "output": self.usage.output_tokens,
-                "cache_read": self.usage.cache_read_tokens,
-                "cache_write": self.usage.cache_write_tokens,
+                "input": self.tokens.input,
+                "output": self.tokens.output,
+                "cache_read": self.tokens.cache_read,
+                "cache_write": self.tokens.cache_write,
             },
             "cost_usd": round(self.cost_usd, 6),
             "estimated": self.options.dry_run,
@@ -747,14 +760,15 @@ class Run:
         self._count(call, call.status, status)
 
     def _account(self, call: LiveCall) -> None:
-        self.usage = self.usage + call.usage
+        usage = call.usage
+        self.tokens.add(usage)
         self.cost_usd += call.cost_usd
-        self.spent += call.usage.output_tokens
+        self.spent += usage.output_tokens
         stats = self.phases[call.phase]
-        stats.input_tokens += call.usage.input_tokens
-        stats.output_tokens += call.usage.output_tokens
+        stats.input_tokens += usage.input_tokens
+        stats.output_tokens += usage.output_tokens
         stats.cost_usd += call.cost_usd
-        if self.options.budget_tokens is not None and call.usage.output_tokens:
+        if self.options.budget_tokens is not None and usage.output_tokens:
             self.events.emit(EventType.BUDGET_UPDATED, {
                 "spent": self.spent, "total": self.options.budget_tokens,
                 "remaining": max(0, self.options.budget_tokens - self.spent)})
