@@ -337,7 +337,7 @@ def _batch_policy() -> None:
     the next tick or goes to an idle CPU, and the loop's send stays a few microseconds. Same
     nice value, same share of the CPU."""
     policy = getattr(os, "SCHED_BATCH", None)
-    if policy is None:
+    if policy is None or not hasattr(os, "sched_setscheduler"):
         return
     try:
         os.sched_setscheduler(0, policy, os.sched_param(0))

@@ -778,7 +778,8 @@ class TaskRecordingBackend(SimulateBackend):
         return await super().call(request)
 
 
-async def test_the_simulate_backend_answers_at_once_only_what_its_call_would_answer() -> None:
+async def test_the_simulate_backend_answers_at_once_only_what_its_call_would_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # The dispatcher asks answer_now() first: it must give call()'s answer, or step aside.
     backend = SimulateBackend()
     request = AgentRequest("r", 0, "summarise the report", "summary")
@@ -790,8 +791,13 @@ async def test_the_simulate_backend_answers_at_once_only_what_its_call_would_ans
                    AgentRequest("r", 3, "p", settings={"fail": ["p"]})):
         assert backend.answer_now(shaped) is None
     assert TaskRecordingBackend().answer_now(request) is None  # its own call() is asked instead
+    patched = SimulateBackend()
+    patched.call = TaskRecordingBackend().call  # type: ignore[method-assign]
+    assert patched.answer_now(request) is None
     assert SimulateBackend(record_path=Path("/nonexistent/calls.jsonl")).answer_now(request) is None
     assert backend.executions == 2
+    monkeypatch.setattr(SimulateBackend, "call", TaskRecordingBackend.call)  # patched on the class
+    assert backend.answer_now(request) is None
 
 
 async def test_a_burst_of_calls_that_answer_at_once_keeps_few_workers_busy() -> None:
