@@ -16,13 +16,11 @@ from typing import Any
 
 import anyio
 
-from .backends import Usage
+from .backends import NO_USAGE, Usage
 from .state import AgentStatus
 from .store import CallRecord
 
 __all__ = ["LiveCall", "PhaseStats", "default_label"]
-
-_NO_USAGE = Usage()
 
 
 _WORD = re.compile(r"\S+")
@@ -64,7 +62,7 @@ class LiveCall:
         self.status = AgentStatus.QUEUED
         self.attempt = 1
         self.output: Any = None
-        self.usage = _NO_USAGE
+        self.usage = NO_USAGE
         self.cost_usd = 0.0
         self.model = model
         self.error: str | None = None

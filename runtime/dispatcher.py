@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import anyio
 
-from .backends import AgentBackend, AgentRequest, AgentResult, Correction, Usage
+from .backends import NO_USAGE, AgentBackend, AgentRequest, AgentResult, Correction, Usage
 from .errors import BackendError
 from .scheduling import PriorityLimiter
 from .schema import has_patterns, validation_error
@@ -29,16 +29,13 @@ MAX_SCHEMA_ATTEMPTS = 5
 logger = logging.getLogger("quickflow.dispatcher")
 
 
-_NO_USAGE = Usage()  # immutable (see Usage): one for every call that has used nothing yet
-
-
 class AgentOutcome:
     """``status``: completed | failed | timeout | structured_output_error. Treat as immutable.
 
     A plain class: one is made per call, and a dataclass's ``__init__`` stays interpreted
     where this one is compiled (see ``runtime/_native``)."""
 
-    def __init__(self, status: str, output: Any = None, usage: Usage = _NO_USAGE, cost_usd: float = 0.0,
+    def __init__(self, status: str, output: Any = None, usage: Usage = NO_USAGE, cost_usd: float = 0.0,
                  model: str | None = None, attempts: int = 0, error: str | None = None,
                  transcript: tuple[Mapping[str, Any], ...] = ()) -> None:
         self.status = status
@@ -174,7 +171,7 @@ class Dispatcher:
         request: AgentRequest,
         on_retry: Callable[[int, str], None] | None,
     ) -> AgentOutcome:
-        usage = _NO_USAGE
+        usage = NO_USAGE
         cost = 0.0
         transcript: list[Mapping[str, Any]] = []
         attempt_request = request

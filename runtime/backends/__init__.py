@@ -6,10 +6,10 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ._protocol import AgentBackend, AgentRequest, AgentResult, Correction, Usage
+from ._protocol import NO_USAGE, AgentBackend, AgentRequest, AgentResult, Correction, Usage
 from .simulate import SimulateBackend
 
-__all__ = ["AgentBackend", "AgentRequest", "AgentResult", "Correction", "LazyBackend", "SimulateBackend", "Usage", "build_backends"]
+__all__ = ["NO_USAGE", "AgentBackend", "AgentRequest", "AgentResult", "Correction", "LazyBackend", "SimulateBackend", "Usage", "build_backends"]
 
 
 class LazyBackend:

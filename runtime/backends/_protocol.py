@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, dataclass_transform, runtime_checkable
 
-__all__ = ["AgentBackend", "AgentRequest", "AgentResult", "Correction", "Usage"]
+__all__ = ["NO_USAGE", "AgentBackend", "AgentRequest", "AgentResult", "Correction", "Usage"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,9 @@ class Usage:
         )
 
 
+NO_USAGE = Usage()  # immutable (see Usage): one for every call that has used nothing yet
+
+
 @dataclass(slots=True)  # not frozen (cheaper to make, once per attempt); treat as immutable
 class AgentResult:
     """What one attempt produced.
@@ -98,7 +101,7 @@ class AgentResult:
     """
 
     text: str
-    usage: Usage = Usage()
+    usage: Usage = NO_USAGE
     model: str = ""
     stop_reason: str = "end_turn"
     cost_usd: float = 0.0
