@@ -115,6 +115,11 @@ def _result(request: AgentRequest, text: str, output_tokens: int, schema_chars: 
                        ({"role": "user", "content": request.prompt}, {"role": "assistant", "content": text}))
 
 
+def _plain_result(request: AgentRequest) -> AgentResult:
+    text = _plain_answer(request.label, request.prompt)
+    return _result(request, text, _tokens(text))
+
+
 def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
@@ -170,8 +175,7 @@ class SimulateBackend:
         if (request.settings or request.schema is not None or self.record_path is not None
                 or getattr(self.call, "__func__", None) is not _CALL):  # a subclass's or a patched call()
             return None
-        text = _plain_answer(request.label, request.prompt)
-        answer = _result(request, text, _tokens(text))
+        answer = _plain_result(request)
         self.executions += 1  # once answered: the dispatcher calls call() if this raised
         return answer
 
@@ -195,8 +199,7 @@ class SimulateBackend:
         elif request.schema is not None:
             return self._shaped(request, {})
         # A plain answer: the common case, without the rule lookups (once per agent in dry runs).
-        text = _plain_answer(request.label, request.prompt)
-        return _result(request, text, _tokens(text))
+        return _plain_result(request)
 
     def _shaped(self, request: AgentRequest, settings: Mapping[str, Any]) -> AgentResult:
         """An answer that settings or a schema shape: canned, invalid, or sampled from the schema."""
